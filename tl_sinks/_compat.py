@@ -1,0 +1,303 @@
+"""Backend guards: what kind of model this is, which hooks it has, how its weights were processed.
+
+Every stage asks :func:`inspect_model` instead of reading ``model.cfg`` directly, so the
+architecture questions (causal or bidirectional? pre- or post-LayerNorm? gated MLP? GQA?) are
+answered once, by measurement where the config cannot be trusted:
+
+* **Norm placement** is probed with a two-token forward pass: in a pre-LN block the first
+  LayerNorm reads the residual stream itself (``ln1.hook_in == hook_resid_pre``); in a post-LN
+  block (BERT) it reads ``resid_pre + attn_out``.
+* **Residual additivity** (``resid_post == resid_pre + attn_out + mlp_out``) is checked on the
+  same pass; component attribution of massive activations is only exact where it holds.
+
+Errors are ``ValueError`` / ``NotImplementedError`` with a message that names the problem.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from tl_sinks._types import ModelLike
+
+# Processing flags recorded by ``load_model`` (exact) for models it loaded.
+_PROCESSING: "weakref.WeakKeyDictionary[Any, dict[str, Any]]" = weakref.WeakKeyDictionary()
+# Probe results per model; keyed on the processing state so a later compat-mode switch re-probes.
+_PROBES: "weakref.WeakKeyDictionary[Any, tuple[tuple, dict[str, Any]]]" = weakref.WeakKeyDictionary()
+
+
+class UnsupportedModelError(NotImplementedError):
+    """The model lacks a hook or structure a stage needs."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Architecture facts every stage needs, measured or read once per model.
+
+    Attributes:
+        model_name: ``cfg.model_name`` (a hub name or local path).
+        architecture: HF architecture class name, e.g. ``LlamaForCausalLM``.
+        n_layers, n_heads, n_key_value_heads, d_head, d_model, d_mlp, d_vocab, n_ctx: sizes.
+        causal: ``True`` for decoder (causal-mask) attention, ``False`` for encoders.
+        has_mlp: Whether blocks have MLPs (``False`` for attention-only models).
+        gated_mlp: Whether the MLP is gated (Llama ``gate_proj``/``up_proj``).
+        post_ln: ``True`` when LayerNorm sits after the residual sum (BERT), measured.
+        additive_resid: ``resid_post == resid_pre + attn_out + mlp_out`` held on a probe pass.
+        first_token_id: The special token the tokenizer puts at position 0 (BOS, or [CLS] for
+            BERT), or ``None`` when unknown.
+        pad_token_id: The tokenizer's pad id, or ``None``.
+        processing: Weight processing applied to the model (fold_ln, centering, ...).
+    """
+
+    model_name: str
+    architecture: str
+    n_layers: int
+    n_heads: int
+    n_key_value_heads: int
+    d_head: int
+    d_model: int
+    d_mlp: int | None
+    d_vocab: int
+    n_ctx: int
+    causal: bool
+    has_mlp: bool
+    gated_mlp: bool
+    post_ln: bool
+    additive_resid: bool
+    first_token_id: int | None
+    pad_token_id: int | None
+    processing: dict[str, Any] = field(default_factory=dict)
+
+    # Hook sites -----------------------------------------------------------------
+    def resid_site(self, layer: int) -> str:
+        """Hook holding the un-normalised residual stream after block ``layer``.
+
+        Pre-LN: ``hook_resid_post``. Post-LN (BERT): ``ln2.hook_in``, the raw sum before the
+        block's final LayerNorm (TL 4.3's ``hook_resid_post`` there is after the LayerNorm).
+        """
+        return f"blocks.{layer}.ln2.hook_in" if self.post_ln else f"blocks.{layer}.hook_resid_post"
+
+    def attn_in_site(self, layer: int) -> str:
+        """Hook holding the normalised input that block ``layer``'s attention reads.
+
+        Pre-LN: ``ln1.hook_out`` (the paper measures dimension disparity here, after RMSNorm).
+        Post-LN: the block input ``hook_resid_pre``, already a LayerNorm output.
+        """
+        return f"blocks.{layer}.hook_resid_pre" if self.post_ln else f"blocks.{layer}.ln1.hook_out"
+
+    @property
+    def resid_site_description(self) -> str:
+        if self.post_ln:
+            return "blocks.{L}.ln2.hook_in (raw residual sum before the post-LN LayerNorm)"
+        return "blocks.{L}.hook_resid_post (residual stream after block L)"
+
+    @property
+    def n_heads_per_kv(self) -> int:
+        return self.n_heads // self.n_key_value_heads
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-dict form for ``result.meta``."""
+        d = asdict(self)
+        d["attention"] = "causal" if self.causal else "bidirectional"
+        d["norm_placement"] = "post-LN" if self.post_ln else "pre-LN"
+        return d
+
+
+def _cfg(model: ModelLike, *names: str, default: Any = None) -> Any:
+    for n in names:
+        v = getattr(model.cfg, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def record_processing(model: Any, processing: dict[str, Any]) -> None:
+    """Remember the exact weight processing ``load_model`` applied to ``model``."""
+    _PROCESSING[model] = dict(processing)
+
+
+def describe_processing(model: ModelLike) -> dict[str, Any]:
+    """Weight processing applied to ``model``: exact if it came from ``load_model``.
+
+    For other models it is read from the bridge: whether compatibility mode is on and whether
+    ``process_weights`` ran (TransformerLens does not record which folds it applied).
+    """
+    if model in _PROCESSING:
+        return dict(_PROCESSING[model])
+    return {
+        "source": "inferred from the bridge (not loaded by tl_sinks.load_model)",
+        "compatibility_mode": bool(getattr(model, "compatibility_mode", False)),
+        "weights_processed": bool(getattr(model, "_weights_processed", False)),
+    }
+
+
+def _probe(model: ModelLike, n_layers: int, vocab: int) -> dict[str, Any]:
+    """Two-token forward pass measuring norm placement and residual additivity."""
+    names = ["blocks.0.hook_resid_pre", "blocks.0.ln1.hook_in"]
+    for layer in range(n_layers):
+        names += [f"blocks.{layer}.{s}" for s in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")]
+    present = [n for n in dict.fromkeys(names) if n in model.hook_dict]
+    tokens = (torch.arange(2) % vocab).unsqueeze(0)
+    store: dict[str, torch.Tensor] = {}
+
+    def save(t: torch.Tensor, hook: Any) -> None:
+        store[hook.name] = t.detach()
+
+    device = _model_device(model)
+    with torch.no_grad(), model.hooks(fwd_hooks=[(n, save) for n in present]):
+        model(tokens.to(device), return_type=None)
+    # TL hook names may come back as aliases; map by the names we asked for.
+    got = {n: store.get(model.hook_dict[n].name, store.get(n)) for n in present}
+    out: dict[str, Any] = {"post_ln": False, "additive_resid": False}
+    a, b = got.get("blocks.0.hook_resid_pre"), got.get("blocks.0.ln1.hook_in")
+    if a is not None and b is not None:
+        out["post_ln"] = not torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    additive = True
+    for layer in range(n_layers):
+        parts = [got.get(f"blocks.{layer}.{s}") for s in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")]
+        if parts[1] is None or parts[3] is None or parts[0] is None:
+            additive = False
+            break
+        pre, attn, mlp, post = parts
+        total = pre + attn + (mlp if mlp is not None else 0)
+        scale = post.abs().max().clamp_min(1.0)
+        if not torch.allclose(total, post, rtol=1e-4, atol=1e-4 * float(scale)):
+            additive = False
+            break
+    out["additive_resid"] = additive and not out["post_ln"]
+    return out
+
+
+def _model_device(model: ModelLike) -> torch.device:
+    dev = _cfg(model, "device")
+    if dev is not None:
+        return torch.device(dev)
+    try:
+        return next(model.parameters()).device  # type: ignore[attr-defined]
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def model_device(model: ModelLike) -> torch.device:
+    """Device the model's inputs must live on."""
+    return _model_device(model)
+
+
+def _first_token_id(model: ModelLike, causal: bool) -> int | None:
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        return _cfg(model, "bos_token_id")
+    # Ground truth: what the tokenizer actually puts first when asked to prepend BOS.
+    try:
+        ids = model.to_tokens("a", prepend_bos=True, move_to_device=False, truncate=False)[0]
+        special = set(getattr(tok, "all_special_ids", []) or [])
+        if len(ids) and int(ids[0]) in special:
+            return int(ids[0])
+    except Exception:  # a tokenizer that cannot encode "a" falls back to the config ids
+        pass
+    if not causal and getattr(tok, "cls_token_id", None) is not None:
+        return int(tok.cls_token_id)
+    return tok.bos_token_id if tok.bos_token_id is not None else _cfg(model, "bos_token_id")
+
+
+def inspect_model(model: ModelLike) -> ModelInfo:
+    """Measure and read the architecture facts tl_sinks needs.
+
+    Args:
+        model: A TransformerLens ``TransformerBridge`` (from ``load_model`` or booted directly).
+
+    Returns:
+        A :class:`ModelInfo`.
+
+    Raises:
+        UnsupportedModelError: If the model has no ``blocks.{L}.attn.hook_pattern`` /
+            ``hook_z`` hooks (tl_sinks needs per-head attention hooks).
+        ValueError: If the model is in training mode (dropout would make every number noisy).
+    """
+    if not hasattr(model, "cfg") or not hasattr(model, "hook_dict"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a TransformerLens model (no cfg / hook_dict); "
+            "load one with tl_sinks.load_model(name_or_path)."
+        )
+    if getattr(model, "training", False):
+        raise ValueError(
+            "the model is in training mode (dropout is active, so every statistic would be "
+            "noisy); call model.eval() first, or load it with tl_sinks.load_model()."
+        )
+    cfg = model.cfg
+    n_layers = int(cfg.n_layers)
+    arch = str(_cfg(model, "architecture", "original_architecture", default=type(model).__name__))
+    missing = [
+        n
+        for layer in range(n_layers)
+        for n in (f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_z")
+        if n not in model.hook_dict
+    ]
+    if missing:
+        raise UnsupportedModelError(
+            f"unsupported architecture {arch}: tl_sinks needs per-head attention hooks, "
+            f"and this model lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}."
+        )
+    n_heads = int(cfg.n_heads)
+    n_kv = int(_cfg(model, "n_key_value_heads", default=n_heads))
+    attn_only = bool(_cfg(model, "attn_only", default=False))
+    has_mlp = not attn_only and all(f"blocks.{layer}.mlp.hook_post" in model.hook_dict for layer in range(n_layers))
+    causal = str(_cfg(model, "attention_dir", default="causal")) != "bidirectional"
+    processing = describe_processing(model)
+    key = (bool(getattr(model, "compatibility_mode", False)), bool(getattr(model, "_weights_processed", False)))
+    cached = _PROBES.get(model)
+    if cached is None or cached[0] != key:
+        probe = _probe(model, n_layers, int(cfg.d_vocab))
+        probe["first_token_id"] = _first_token_id(model, causal)
+        _PROBES[model] = (key, probe)
+    else:
+        probe = cached[1]
+    tok = getattr(model, "tokenizer", None)
+    return ModelInfo(
+        model_name=str(_cfg(model, "model_name", default="")),
+        architecture=arch,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_key_value_heads=n_kv,
+        d_head=int(cfg.d_head),
+        d_model=int(cfg.d_model),
+        d_mlp=int(cfg.d_mlp) if has_mlp and cfg.d_mlp is not None else None,
+        d_vocab=int(cfg.d_vocab),
+        n_ctx=int(cfg.n_ctx),
+        causal=causal,
+        has_mlp=has_mlp,
+        gated_mlp=bool(_cfg(model, "gated_mlp", default=False)) and has_mlp,
+        post_ln=bool(probe["post_ln"]),
+        additive_resid=bool(probe["additive_resid"]),
+        first_token_id=probe["first_token_id"],
+        pad_token_id=None if tok is None else tok.pad_token_id,
+        processing=processing,
+    )
+
+
+def require_hooks(model: ModelLike, names: list[str], *, stage: str) -> None:
+    """Raise :class:`UnsupportedModelError` naming any hook in ``names`` the model lacks."""
+    missing = [n for n in names if n not in model.hook_dict]
+    if missing:
+        arch = _cfg(model, "architecture", default=type(model).__name__)
+        raise UnsupportedModelError(
+            f"the {stage} stage needs hook(s) {missing[:3]} that {arch} does not expose."
+        )
+
+
+def base_meta(model: ModelLike, info: ModelInfo) -> dict[str, Any]:
+    """Provenance shared by every result's ``meta``."""
+    import transformer_lens
+
+    return {
+        "model_name": info.model_name,
+        "architecture": info.architecture,
+        "attention": "causal" if info.causal else "bidirectional",
+        "norm_placement": "post-LN" if info.post_ln else "pre-LN",
+        "transformer_lens_version": getattr(transformer_lens, "__version__", "unknown"),
+        "processing": info.processing,
+        "dtype": str(_cfg(model, "dtype", default="")),
+    }

@@ -1,0 +1,278 @@
+"""Turning prompts into validated, right-padded token batches.
+
+Every stage reads positions as "position 0 is the first token". That only holds if padding is
+on the right and the mask says which positions are real, so all inputs are normalised here:
+
+* strings are tokenised one by one (no silent truncation; too-long prompts raise);
+* token tensors with an ``attention_mask`` may be left- or right-padded; left-padded rows are
+  shifted so that every row starts at position 0;
+* token tensors *without* a mask that look padded (a run of pad tokens at either end of some
+  row) raise, because the padded positions would otherwise be counted as text;
+* position 0 must be the model's BOS ([CLS] for BERT) unless ``require_bos=False``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tl_sinks._compat import ModelInfo
+from tl_sinks._types import ModelLike
+
+Prompts = str | Sequence[str] | Tensor | Sequence[Sequence[int]] | Sequence[Tensor]
+
+
+@dataclass(frozen=True)
+class PreparedPrompts:
+    """Validated prompts as a list of 1-D token tensors (no padding).
+
+    Attributes:
+        sequences: One 1-D ``int64`` tensor per prompt.
+        pos0_is_bos: Per prompt, whether position 0 holds the model's first-token id.
+        first_token_id: The BOS/[CLS] id checked against, or ``None`` if unknown.
+        prepend_bos: The ``prepend_bos`` used when tokenising strings (``None`` for tokens).
+    """
+
+    sequences: list[Tensor]
+    pos0_is_bos: list[bool]
+    first_token_id: int | None
+    prepend_bos: bool | None
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def max_len(self) -> int:
+        return max(len(s) for s in self.sequences)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+    def meta(self) -> dict[str, Any]:
+        n_bos = sum(self.pos0_is_bos)
+        return {
+            "n_prompts": len(self),
+            "n_tokens": self.n_tokens,
+            "max_len": self.max_len,
+            "prepend_bos": self.prepend_bos,
+            "first_token_id": self.first_token_id,
+            "pos0_is_bos": n_bos == len(self),
+            "pos0_is_bos_fraction": n_bos / len(self),
+        }
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """A right-padded batch.
+
+    Attributes:
+        tokens: ``[batch, pos]`` token ids; padded positions hold ``pad_id`` and are masked.
+        attention_mask: ``[batch, pos]`` 1 for real tokens, 0 for padding.
+        lengths: ``[batch]`` number of real tokens per row.
+        prompt_index: ``[batch]`` index of each row in the prepared prompts.
+    """
+
+    tokens: Tensor
+    attention_mask: Tensor
+    lengths: Tensor
+    prompt_index: Tensor
+
+    @property
+    def valid(self) -> Tensor:
+        """``[batch, pos]`` bool mask of real tokens."""
+        return self.attention_mask.bool()
+
+    @property
+    def is_padded(self) -> bool:
+        return bool((self.lengths < self.tokens.shape[1]).any())
+
+    def to(self, device: torch.device | str) -> "TokenBatch":
+        return TokenBatch(
+            tokens=self.tokens.to(device),
+            attention_mask=self.attention_mask.to(device),
+            lengths=self.lengths.to(device),
+            prompt_index=self.prompt_index.to(device),
+        )
+
+
+def _tokenize_strings(model: ModelLike, prompts: Sequence[str], prepend_bos: bool | None) -> list[Tensor]:
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError("the model has no tokenizer, so text prompts cannot be used; pass token ids instead.")
+    out = []
+    for i, s in enumerate(prompts):
+        if not isinstance(s, str):
+            raise TypeError(f"prompt {i} is {type(s).__name__}, expected str")
+        if s == "":
+            raise ValueError(f"prompt {i} is empty; remove it or give it some text.")
+        ids = model.to_tokens(s, prepend_bos=prepend_bos, move_to_device=False, truncate=False)[0]
+        out.append(ids.long().cpu())
+    return out
+
+
+def _rows_from_mask(tokens: Tensor, attention_mask: Tensor) -> list[Tensor]:
+    if attention_mask.shape != tokens.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but tokens have {tuple(tokens.shape)}"
+        )
+    am = attention_mask.cpu()
+    if not bool(((am == 0) | (am == 1)).all()):
+        raise ValueError("attention_mask must contain only 0 and 1")
+    rows = []
+    for i in range(tokens.shape[0]):
+        idx = torch.nonzero(am[i]).flatten()
+        if idx.numel() == 0:
+            raise ValueError(f"row {i} of attention_mask is all zeros (an empty prompt)")
+        if int(idx[-1] - idx[0]) + 1 != idx.numel():
+            raise ValueError(
+                f"row {i} of attention_mask has holes; only left- or right-padding is supported"
+            )
+        rows.append(tokens[i, idx].long().cpu())
+    return rows
+
+
+def _check_unmasked_padding(tokens: Tensor, info: ModelInfo) -> None:
+    """Raise if a mask-less token tensor looks padded."""
+    pad = info.pad_token_id
+    if pad is None or tokens.shape[1] < 2:
+        return
+    t = tokens.cpu()
+    is_pad = t == pad
+    for i in range(t.shape[0]):
+        row = is_pad[i]
+        trailing = int(torch.flip(row, [0]).int().cumprod(0).sum())
+        leading = int(row.int().cumprod(0).sum())
+        # A BOS that doubles as the pad token is legitimate once, at position 0.
+        if pad == info.first_token_id:
+            leading = max(0, leading - 1)
+        if (0 < trailing < t.shape[1]) or leading > 0:
+            side = "ends" if trailing else "starts"
+            n = trailing or leading
+            raise ValueError(
+                f"tokens look padded: row {i} {side} with {n} pad token(s) (id {pad}), and no "
+                "attention_mask was given, so padded positions would be counted as text. Pass "
+                "attention_mask (1 = real token); if these really are text tokens, pass "
+                "attention_mask=torch.ones_like(tokens)."
+            )
+
+
+def prepare_prompts(
+    model: ModelLike,
+    info: ModelInfo,
+    prompts: Prompts,
+    *,
+    attention_mask: Tensor | None = None,
+    prepend_bos: bool | None = None,
+    require_bos: bool = True,
+) -> PreparedPrompts:
+    """Validate and tokenise prompts.
+
+    Args:
+        model: The model (its tokenizer is used for strings).
+        info: :func:`tl_sinks._compat.inspect_model` of ``model``.
+        prompts: A string, a list of strings, a ``[batch, pos]`` token tensor, or a list of
+            token-id sequences (ragged lengths allowed).
+        attention_mask: For a token tensor: 1 for real tokens, 0 for padding (left or right).
+        prepend_bos: Passed to ``model.to_tokens`` for strings (``None``: the model default).
+        require_bos: Raise unless position 0 of every prompt is the model's BOS ([CLS]).
+
+    Returns:
+        :class:`PreparedPrompts`.
+
+    Raises:
+        ValueError: Empty prompts, bad masks, unmasked padding, missing BOS, double BOS, or a
+            prompt longer than the model's context ``n_ctx``.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(prompts, Tensor):
+        if prompts.ndim == 1:
+            prompts = prompts.unsqueeze(0)
+        if prompts.ndim != 2:
+            raise ValueError(f"token tensor must be [batch, pos], got shape {tuple(prompts.shape)}")
+        if prompts.shape[0] == 0 or prompts.shape[1] == 0:
+            raise ValueError(f"token tensor is empty (shape {tuple(prompts.shape)})")
+        if prompts.dtype.is_floating_point:
+            raise TypeError("token tensor must hold integer ids")
+        if attention_mask is None:
+            _check_unmasked_padding(prompts, info)
+            seqs = [row.long().cpu() for row in prompts]
+        else:
+            seqs = _rows_from_mask(prompts, attention_mask)
+        used_prepend: bool | None = None
+    else:
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        if attention_mask is not None:
+            raise ValueError("attention_mask only applies to a token tensor")
+        if all(isinstance(p, str) for p in prompts):
+            seqs = _tokenize_strings(model, prompts, prepend_bos)
+            used_prepend = prepend_bos
+        else:
+            seqs = []
+            for i, p in enumerate(prompts):
+                if isinstance(p, str):
+                    raise TypeError("mix of strings and token sequences; pass one kind")
+                t = torch.as_tensor(p).long().flatten().cpu()
+                if t.numel() == 0:
+                    raise ValueError(f"prompt {i} has no tokens")
+                seqs.append(t)
+            used_prepend = None
+    for i, s in enumerate(seqs):
+        if len(s) > info.n_ctx:
+            raise ValueError(
+                f"prompt {i} has {len(s)} tokens, longer than the model's context n_ctx={info.n_ctx}; "
+                "shorten it (tl_sinks never truncates silently)."
+            )
+        if bool(((s < 0) | (s >= info.d_vocab)).any()):
+            raise ValueError(f"prompt {i} has token ids outside [0, {info.d_vocab})")
+    first = info.first_token_id
+    pos0 = [first is not None and int(s[0]) == first for s in seqs]
+    if require_bos:
+        if first is None:
+            raise ValueError(
+                "the model's tokenizer defines no BOS token, so position 0 cannot be checked; "
+                "pass require_bos=False to analyse position 0 whatever it holds."
+            )
+        bad = [i for i, ok in enumerate(pos0) if not ok]
+        if bad:
+            raise ValueError(
+                f"{len(bad)} prompt(s) (first: {bad[0]}) do not start with BOS (id {first}); the "
+                "sink metrics treat position 0 as the BOS sink. Tokenise with prepend_bos=True, "
+                "or pass require_bos=False to analyse whatever token comes first."
+            )
+        doubled = [i for i, s in enumerate(seqs) if len(s) > 1 and int(s[1]) == first]
+        if doubled:
+            raise ValueError(
+                f"prompt {doubled[0]} starts with two BOS tokens (id {first}); the text already "
+                "holds BOS and another was prepended. Pass prepend_bos=False."
+            )
+    return PreparedPrompts(sequences=seqs, pos0_is_bos=pos0, first_token_id=first, prepend_bos=used_prepend)
+
+
+def iter_batches(
+    prepared: PreparedPrompts, batch_size: int, *, pad_id: int = 0
+) -> Iterator[TokenBatch]:
+    """Right-padded batches of ``batch_size`` prompts, in order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    seqs = prepared.sequences
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start : start + batch_size]
+        n = max(len(s) for s in chunk)
+        tokens = torch.full((len(chunk), n), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), n), dtype=torch.long)
+        for i, s in enumerate(chunk):
+            tokens[i, : len(s)] = s
+            mask[i, : len(s)] = 1
+        yield TokenBatch(
+            tokens=tokens,
+            attention_mask=mask,
+            lengths=torch.tensor([len(s) for s in chunk]),
+            prompt_index=torch.arange(start, start + len(chunk)),
+        )

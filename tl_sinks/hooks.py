@@ -1,0 +1,174 @@
+"""Running accumulating hooks over a corpus.
+
+Each stage is an *accumulator*: it contributes forward hooks that reduce activations to small
+fp32 running sums on the fly (never keeping a full ``run_with_cache`` of the corpus), and a
+``end_batch`` step that folds per-batch state into those sums with at most one host sync.
+:func:`run_accumulators` feeds batches through the model with every accumulator's hooks at once,
+so a full scan costs one forward pass per batch.
+
+Hooks are added through ``model.hooks(...)``, whose ``finally`` removes them even when a batch
+raises; :func:`hooked` adds a check that nothing was left behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_sinks._compat import ModelInfo, model_device
+from tl_sinks._inputs import PreparedPrompts, TokenBatch, iter_batches
+from tl_sinks._types import HookFn, ModelLike
+
+
+class NonFiniteActivationError(ValueError):
+    """An activation the analysis reads holds NaN or inf."""
+
+
+class FiniteGuard:
+    """Collects "is this reduction finite?" flags on device and checks them once per batch.
+
+    Checking inside each hook would force a host sync per hook; NaN and inf propagate through
+    the sums every stage takes, so checking the per-batch reductions catches them at one sync.
+    """
+
+    def __init__(self) -> None:
+        self._flags: list[tuple[str, Tensor]] = []
+
+    def watch(self, name: str, reduced: Tensor) -> None:
+        self._flags.append((name, torch.isfinite(reduced).all()))
+
+    def check(self, batch: TokenBatch) -> None:
+        flags, self._flags = self._flags, []
+        if not flags:
+            return
+        ok = torch.stack([f for _, f in flags]).cpu()
+        if bool(ok.all()):
+            return
+        bad = [name for (name, _), good in zip(flags, ok.tolist()) if not good]
+        prompts = batch.prompt_index.tolist()
+        raise NonFiniteActivationError(
+            f"NaN or inf activations at {bad[0]}"
+            f"{f' (and {len(bad) - 1} more hooks)' if len(bad) > 1 else ''} in the batch of "
+            f"prompts {prompts[0]}..{prompts[-1]}; the statistics would be meaningless. Check the "
+            "model's dtype (fp16 overflow?) and weights."
+        )
+
+
+class Accumulator(Protocol):
+    """One stage's running statistics over a corpus."""
+
+    stage: str
+
+    def hook_names(self) -> list[str]:
+        """Hook points this accumulator reads (checked to exist before running)."""
+        ...
+
+    def fwd_hooks(self, batch: TokenBatch, guard: FiniteGuard) -> list[tuple[str, HookFn]]:
+        """Hooks for one batch. They must not modify activations and must not sync the host."""
+        ...
+
+    def end_batch(self, batch: TokenBatch) -> None:
+        """Fold per-batch state into the running statistics."""
+        ...
+
+
+def _n_hook_fns(model: ModelLike) -> int:
+    return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in set(model.hook_dict.values()))
+
+
+@contextmanager
+def hooked(model: ModelLike, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[ModelLike]:
+    """Add forward hooks for the duration of the block; removed on exit, also after exceptions."""
+    before = _n_hook_fns(model)
+    try:
+        with model.hooks(fwd_hooks=list(fwd_hooks)):
+            yield model
+    finally:
+        after = _n_hook_fns(model)
+        if after != before:  # pragma: no cover - guards against a TransformerLens regression
+            raise RuntimeError(f"{after - before} hook(s) were left on the model after removal")
+
+
+def forward_batch(model: ModelLike, batch: TokenBatch, **kwargs: Any) -> Any:
+    """Run the model on a right-padded batch, passing the mask only when there is padding."""
+    if batch.is_padded:
+        kwargs["attention_mask"] = batch.attention_mask
+    return model(batch.tokens, **kwargs)
+
+
+def run_accumulators(
+    model: ModelLike,
+    info: ModelInfo,
+    prepared: PreparedPrompts,
+    accumulators: Sequence[Accumulator],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    extra_hooks: Sequence[tuple[str, HookFn]] = (),
+) -> None:
+    """Feed every batch of ``prepared`` through ``model`` with all accumulators' hooks.
+
+    Args:
+        model: The model.
+        info: Its :class:`~tl_sinks._compat.ModelInfo`.
+        prepared: Validated prompts.
+        accumulators: Stage accumulators; their hooks run together in one forward per batch.
+        batch_size: Prompts per forward pass.
+        progress: Show a tqdm progress bar.
+        extra_hooks: Hooks to add as well (e.g. an intervention), run before the accumulators'.
+
+    Raises:
+        NonFiniteActivationError: If an activation read by a stage is NaN or inf.
+    """
+    device = model_device(model)
+    pad_id = info.pad_token_id if info.pad_token_id is not None else 0
+    guard = FiniteGuard()
+    bar = tqdm(
+        total=len(prepared),
+        disable=not progress,
+        desc=f"tl_sinks: {', '.join(a.stage for a in accumulators)}",
+        unit="prompt",
+        leave=False,
+    )
+    try:
+        for batch in iter_batches(prepared, batch_size, pad_id=pad_id):
+            batch = batch.to(device)
+            hooks = list(extra_hooks)
+            for acc in accumulators:
+                hooks += acc.fwd_hooks(batch, guard)
+            with torch.no_grad(), hooked(model, hooks):
+                forward_batch(model, batch, return_type=None)
+            guard.check(batch)
+            for acc in accumulators:
+                acc.end_batch(batch)
+            bar.update(len(batch.lengths))
+    finally:
+        bar.close()
+
+
+def bind_index(fn: Callable[..., None], index: int) -> HookFn:
+    """A TransformerLens hook ``(tensor, hook)`` that calls ``fn(tensor, hook, index)``."""
+
+    def hook(t: Tensor, hook: Any) -> None:
+        fn(t, hook, index)
+
+    return hook
+
+
+def grow(t: Tensor, n: int, dim: int, fill: float = 0.0) -> Tensor:
+    """Extend ``t`` along ``dim`` to length ``n`` with ``fill`` (running per-position sums)."""
+    if t.shape[dim] >= n:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n - t.shape[dim]
+    return torch.cat([t, t.new_full(shape, fill)], dim=dim)
+
+
+def valid_mask(batch: TokenBatch) -> Tensor:
+    """``[batch, pos]`` bool mask of real tokens."""
+    return batch.attention_mask.bool()
