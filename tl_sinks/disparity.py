@@ -61,15 +61,17 @@ def token_disparity(x: Float[Tensor, "batch pos d_model"], k: int = 3) -> dict[s
     """
     a = x.float().abs()
     top_values, top_dims = a.topk(min(k, a.shape[-1]), dim=-1)
-    abs_sum = a.sum(-1)
+    median = a.median(-1).values
     d = a.shape[-1]
-    rest_mean = (abs_sum - top_values[..., 0]) / max(d - 1, 1)
+    # Zero the top dim and sum, rather than subtract it from the total: with a 1000x outlier the
+    # subtraction would cancel away most of the other dims' fp32 precision. ``a`` is our copy.
+    rest_sum = a.scatter_(-1, top_dims[..., :1], 0.0).sum(-1)
     return {
         "top_values": top_values,
         "top_dims": top_dims,
-        "median": a.median(-1).values,
-        "rest_mean": rest_mean,
-        "abs_sum": abs_sum,
+        "median": median,
+        "rest_mean": rest_sum / max(d - 1, 1),
+        "abs_sum": rest_sum + top_values[..., 0],
     }
 
 
