@@ -21,35 +21,31 @@ def word(i: int) -> str:
     return f"w{i}"
 
 
-def build_tokenizer(vocab_size: int, *, cls_sep: bool = False) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: ``<pad> <s> </s> <unk>`` then ``w0, w1, ...``; prepends ``<s>``.
+def build_tokenizer(vocab_size: int, *, cls_sep: bool = False):
+    """Word-level tokenizer: four special tokens, then ``w0, w1, ...``.
 
-    With ``cls_sep`` (BERT style) it wraps the text as ``[CLS] ... [SEP]`` instead.
+    Decoder style (default): ``<pad> <s> </s> <unk>``, prepends ``<s>``. BERT style
+    (``cls_sep``): a real ``BertTokenizerFast`` over ``[PAD] [CLS] [SEP] [UNK]`` that wraps text
+    as ``[CLS] ... [SEP]``, as BERT checkpoints ship.
     """
     if cls_sep:
-        special = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
-    else:
-        special = ["<pad>", "<s>", "</s>", "<unk>"]
+        from transformers import BertTokenizerFast
+
+        words = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"] + [word(i) for i in range(vocab_size - N_SPECIAL)]
+        return BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, mask_token="[UNK]")
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
     vocab = {t: i for i, t in enumerate(special)}
     for i in range(vocab_size - N_SPECIAL):
         vocab[word(i)] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token=special[UNK]))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    if cls_sep:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{special[BOS]} $A {special[EOS]}", special_tokens=[(special[BOS], BOS), (special[EOS], EOS)]
-        )
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tok, cls_token=special[BOS], sep_token=special[EOS], unk_token=special[UNK],
-            pad_token=special[PAD], mask_token=special[UNK],
-        )
     tok.post_processor = processors.TemplateProcessing(single=f"{special[BOS]} $A", special_tokens=[(special[BOS], BOS)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=special[BOS], eos_token=special[EOS], unk_token=special[UNK], pad_token=special[PAD]
     )
 
 
-def save_hf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, path: Path) -> Path:
+def save_hf(model: torch.nn.Module, tokenizer, path: Path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -13,10 +13,10 @@ Super Neurons, and Dimension Disparity"), one module per stage:
 :func:`scan` measures all four over a corpus in one forward pass per batch.
 """
 
-from tl_sinks._compat import ModelInfo, UnsupportedModelError, describe_processing, inspect_model
+from tl_sinks._compat import ModelInfo, describe_processing, inspect_model
 from tl_sinks.aggregation import ValueAggregation, compute_value_aggregation
 from tl_sinks.disparity import DimensionDisparity, compute_dimension_disparity
-from tl_sinks.hooks import NonFiniteActivationError
+from tl_sinks.errors import NonFiniteActivationError, UnsupportedModelError
 from tl_sinks.loading import ModelNotAvailableError, load_model
 from tl_sinks.results import SinkResult
 from tl_sinks.scan import ScanResult, builtin_prompts, scan

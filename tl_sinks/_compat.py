@@ -22,15 +22,12 @@ from typing import Any
 import torch
 
 from tl_sinks._types import ModelLike
+from tl_sinks.errors import NonFiniteActivationError, UnsupportedModelError
 
 # Processing flags recorded by ``load_model`` (exact) for models it loaded.
 _PROCESSING: "weakref.WeakKeyDictionary[Any, dict[str, Any]]" = weakref.WeakKeyDictionary()
 # Probe results per model; keyed on the processing state so a later compat-mode switch re-probes.
 _PROBES: "weakref.WeakKeyDictionary[Any, tuple[tuple, dict[str, Any]]]" = weakref.WeakKeyDictionary()
-
-
-class UnsupportedModelError(NotImplementedError):
-    """The model lacks a hook or structure a stage needs."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +148,12 @@ def _probe(model: ModelLike, n_layers: int, vocab: int) -> dict[str, Any]:
         model(tokens.to(device), return_type=None)
     # TL hook names may come back as aliases; map by the names we asked for.
     got = {n: store.get(model.hook_dict[n].name, store.get(n)) for n in present}
+    for n, t in got.items():
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise NonFiniteActivationError(
+                f"NaN or inf activations at {n} on a two-token probe pass: the model's weights "
+                "or dtype produce non-finite values, so no statistic would be meaningful."
+            )
     out: dict[str, Any] = {"post_ln": False, "additive_resid": False}
     a, b = got.get("blocks.0.hook_resid_pre"), got.get("blocks.0.ln1.hook_in")
     if a is not None and b is not None:

