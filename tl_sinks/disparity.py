@@ -46,13 +46,13 @@ POS_CLASSES = ("first", "rest")
 
 
 # --------------------------------------------------------------------------- kernels
-def token_disparity(x: Float[Tensor, "batch pos d_model"], k: int = 3) -> dict[str, Tensor]:
+def token_disparity(x: Float[Tensor, "batch pos d_model"], k: int = 3, *, median: bool = True) -> dict[str, Tensor]:
     """Per-token magnitude statistics over ``d_model`` (pure kernel).
 
     Returns:
         ``top_values`` and ``top_dims`` ``[batch, pos, k]`` (largest ``|x|`` first),
-        ``median`` ``[batch, pos]`` (lower median of ``|x|``), ``rest_mean`` ``[batch, pos]``
-        (mean ``|x|`` of every dim but the largest), and ``abs_sum``.
+        ``median`` ``[batch, pos]`` (lower median of ``|x|``; skipped when ``median=False``),
+        ``rest_mean`` ``[batch, pos]`` (mean ``|x|`` of every dim but the largest), and ``abs_sum``.
 
     Example:
         >>> s = token_disparity(torch.tensor([[[0.5, -200.0, 1.0, 0.1]]]), k=1)
@@ -61,18 +61,20 @@ def token_disparity(x: Float[Tensor, "batch pos d_model"], k: int = 3) -> dict[s
     """
     a = x.float().abs()
     top_values, top_dims = a.topk(min(k, a.shape[-1]), dim=-1)
-    median = a.median(-1).values
+    med = a.median(-1).values if median else None
     d = a.shape[-1]
     # Zero the top dim and sum, rather than subtract it from the total: with a 1000x outlier the
     # subtraction would cancel away most of the other dims' fp32 precision. ``a`` is our copy.
     rest_sum = a.scatter_(-1, top_dims[..., :1], 0.0).sum(-1)
-    return {
+    out = {
         "top_values": top_values,
         "top_dims": top_dims,
-        "median": median,
         "rest_mean": rest_sum / max(d - 1, 1),
         "abs_sum": rest_sum + top_values[..., 0],
     }
+    if med is not None:
+        out["median"] = med
+    return out
 
 
 def is_massive(
@@ -341,24 +343,25 @@ class DisparityAccumulator:
                 s["top_values"], med[..., None], abs_threshold=self.abs_threshold, rel_threshold=self.rel_threshold
             ) & valid[..., None]
             pp["sun"][layer, :P] += (massive.any(-1).float()).sum(0)
-            top_dim = s["top_dims"][..., 0]
+            # Dense scatter-adds weighted by the masks: boolean indexing would sync the host.
+            top_dim = s["top_dims"][..., 0].reshape(-1)
+            all_dims = s["top_dims"].reshape(-1)
             for c, cls_mask in enumerate((is_first, rest)):
-                m = cls_mask & valid
-                self.top_dim_counts[layer, c].index_add_(0, top_dim[m], torch.ones_like(top_dim[m], dtype=torch.float))
-                mm = massive & cls_mask[..., None]
-                self.massive_counts[layer, c].index_add_(0, s["top_dims"][mm], torch.ones_like(s["top_dims"][mm], dtype=torch.float))
-                self.massive_sum[layer, c].index_add_(0, s["top_dims"][mm], s["top_values"][mm])
+                m = (cls_mask & valid).reshape(-1).float()
+                self.top_dim_counts[layer, c].scatter_add_(0, top_dim, m)
+                mm = (massive & cls_mask[..., None]).reshape(-1).float()
+                self.massive_counts[layer, c].scatter_add_(0, all_dims, mm)
+                self.massive_sum[layer, c].scatter_add_(0, all_dims, mm * s["top_values"].reshape(-1))
             xf = x.float()
             self.first_abs[layer] += xf[:, 0].abs().sum(0)
             self.first_signed[layer] += xf[:, 0].sum(0)
             if P > 1:
                 rest_abs = torch.where(rest[..., None], xf.abs(), 0.0)
                 self.rest_max[layer] = torch.maximum(self.rest_max[layer], rest_abs[:, 1:].amax((0, 1)))
-            toks = batch.tokens[massive.any(-1) & rest]
-            self.massive_tok.index_add_(0, toks, torch.ones_like(toks, dtype=torch.float))
+            self.massive_tok.scatter_add_(0, batch.tokens.reshape(-1), (massive.any(-1) & rest).reshape(-1).float())
 
         def attn_in_hook(x: Tensor, hook: Any, layer: int) -> None:
-            s = token_disparity(x, 1)
+            s = token_disparity(x, 1, median=False)
             tiny = torch.finfo(torch.float32).tiny
             self.per_pos["attn_in_paper"][layer, :P] += (s["top_values"][..., 0] / s["rest_mean"].clamp_min(tiny) * validf).sum(0)
 

@@ -314,10 +314,11 @@ class SinkAccumulator:
         n_heads = self.info.n_layers * self.info.n_heads
         rest = counted.clone()
         rest[:, 0] = False
-        toks = batch.tokens[rest]
-        self.tok_n.index_add_(0, toks, torch.ones_like(toks, dtype=torch.float))
-        self.tok_rate.index_add_(0, toks, self._batch["heads_above"][rest] / n_heads)
-        self.tok_alpha.index_add_(0, toks, self._batch["alpha_heads"][rest] / n_heads)
+        w = rest.float().reshape(-1)
+        toks = batch.tokens.reshape(-1)
+        self.tok_n.scatter_add_(0, toks, w)
+        self.tok_rate.scatter_add_(0, toks, w * self._batch["heads_above"].reshape(-1) / n_heads)
+        self.tok_alpha.scatter_add_(0, toks, w * self._batch["alpha_heads"].reshape(-1) / n_heads)
         self._batch = {}
 
     def result(self, meta: dict[str, Any]) -> SinkScores:
