@@ -61,13 +61,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-b, a], dim=-1)
 
 
-def llama_reference(sd: dict[str, torch.Tensor], cfg: object, tokens: list[int]) -> dict[str, list[torch.Tensor]]:
+def llama_reference(
+    sd: dict[str, torch.Tensor], cfg: object, tokens: list[int], *, self_only: int | None = None
+) -> dict[str, list[torch.Tensor]]:
     """Hand-written Llama forward pass on one unpadded prompt, from a HF state dict.
 
     Returns per layer: ``pattern [head, q, k]``, ``z [pos, head, d_head]`` (attention output
     before o_proj), ``post [pos, d_mlp]`` (down_proj input), ``resid_post [pos, d_model]``,
     ``attn_in [pos, d_model]`` (input_layernorm output), ``attn_out``, ``mlp_out``, and
-    ``embed [pos, d_model]``.
+    ``embed [pos, d_model]``. With ``self_only=p`` query ``p`` may attend only to key ``p``
+    (the paper's mask intervention), in every layer.
     """
     H = cfg.num_attention_heads
     KV = cfg.num_key_value_heads
@@ -82,6 +85,7 @@ def llama_reference(sd: dict[str, torch.Tensor], cfg: object, tokens: list[int])
     emb = torch.cat([freqs, freqs], -1)
     cos, sin = emb.cos(), emb.sin()
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("pattern", "z", "post", "resid_post", "attn_in", "attn_out", "mlp_out")}
+    final_norm = sd["model.norm.weight"].double()
     out["embed"] = [x.clone()]
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
@@ -98,6 +102,9 @@ def llama_reference(sd: dict[str, torch.Tensor], cfg: object, tokens: list[int])
         v = v.repeat_interleave(rep, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(D)
         mask = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
+        if self_only is not None:
+            mask[self_only, :] = True
+            mask[self_only, self_only] = False
         scores = scores.masked_fill(mask, float("-inf"))
         pattern = scores.softmax(-1)
         z = torch.einsum("hqk,khd->qhd", pattern, v)
@@ -111,6 +118,8 @@ def llama_reference(sd: dict[str, torch.Tensor], cfg: object, tokens: list[int])
         x = x + mlp_out
         for name, t in (("pattern", pattern), ("z", z), ("post", post), ("resid_post", x.clone()), ("attn_out", attn_out), ("mlp_out", mlp_out)):
             out[name].append(t)
+    unembed = sd.get("lm_head.weight", sd["model.embed_tokens.weight"]).double()
+    out["logits"] = [_rms(x, final_norm, eps) @ unembed.T]
     return out
 
 

@@ -107,7 +107,7 @@ def run_accumulators(
     *,
     batch_size: int = 8,
     progress: bool = True,
-    extra_hooks: Sequence[tuple[str, HookFn]] = (),
+    extra_hooks: Sequence[tuple[str, HookFn]] | Callable[[TokenBatch], Sequence[tuple[str, HookFn]]] = (),
 ) -> None:
     """Feed every batch of ``prepared`` through ``model`` with all accumulators' hooks.
 
@@ -118,7 +118,8 @@ def run_accumulators(
         accumulators: Stage accumulators; their hooks run together in one forward per batch.
         batch_size: Prompts per forward pass.
         progress: Show a tqdm progress bar.
-        extra_hooks: Hooks to add as well (e.g. an intervention), run before the accumulators'.
+        extra_hooks: Hooks to add as well (e.g. an intervention), run before the accumulators';
+            or a function of the batch returning them (for hooks that need the batch's mask).
 
     Raises:
         NonFiniteActivationError: If an activation read by a stage is NaN or inf.
@@ -136,7 +137,7 @@ def run_accumulators(
     try:
         for batch in iter_batches(prepared, batch_size, pad_id=pad_id):
             batch = batch.to(device)
-            hooks = list(extra_hooks)
+            hooks = list(extra_hooks(batch) if callable(extra_hooks) else extra_hooks)
             for acc in accumulators:
                 hooks += acc.fwd_hooks(batch, guard)
             with torch.no_grad(), hooked(model, hooks):

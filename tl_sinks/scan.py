@@ -63,16 +63,30 @@ def run_stages(
     prepend_bos: bool | None = None,
     require_bos: bool = True,
     progress: bool = False,
-    extra_hooks: Sequence[tuple[str, HookFn]] = (),
+    interventions: Sequence[Any] = (),
 ) -> list[Any]:
-    """Validate prompts, build the accumulators, run the corpus once, return their results."""
+    """Validate prompts, build the accumulators, run the corpus once, return their results.
+
+    ``interventions`` (:mod:`tl_sinks.interventions` specs) are applied in every forward pass,
+    before the accumulators read the activations; their hooks get each batch's padding mask.
+    """
+    from tl_sinks.interventions import intervention_hooks
+
     info = inspect_model(model)
     prepared = prepare_prompts(
         model, info, prompts, attention_mask=attention_mask, prepend_bos=prepend_bos, require_bos=require_bos
     )
     accs = [f(model, info) for f in factories]
-    run_accumulators(model, info, prepared, accs, batch_size=batch_size, progress=progress, extra_hooks=extra_hooks)
+    specs = list(interventions)
+    intervention_hooks(model, specs, None, info)  # validate specs before the first batch
+
+    def extra(batch: Any) -> list[tuple[str, HookFn]]:
+        return intervention_hooks(model, specs, batch.valid, info)
+
+    run_accumulators(model, info, prepared, accs, batch_size=batch_size, progress=progress, extra_hooks=extra)
     meta = {**base_meta(model, info), **prepared.meta(), "batch_size": batch_size}
+    if specs:
+        meta["interventions"] = [s.to_dict() for s in specs]
     return [a.result(meta) for a in accs]  # type: ignore[attr-defined]
 
 
@@ -207,6 +221,7 @@ def scan(
     prepend_bos: bool | None = None,
     require_bos: bool = True,
     progress: bool = True,
+    interventions: Sequence[Any] = (),
 ) -> ScanResult:
     """Scan a corpus for every stage of the attention-sink causal chain.
 
@@ -228,6 +243,8 @@ def scan(
         prepend_bos: For strings, whether to prepend BOS (``None``: the model's default).
         require_bos: Raise unless every prompt starts with BOS ([CLS] for BERT).
         progress: Show a progress bar.
+        interventions: :mod:`tl_sinks.interventions` specs applied in every forward pass (the
+            scan then measures the intervened model).
 
     Returns:
         :class:`ScanResult`.
@@ -265,6 +282,7 @@ def scan(
         prepend_bos=prepend_bos,
         require_bos=require_bos,
         progress=progress,
+        interventions=interventions,
     )
     by_stage = dict(zip(chosen, results))
     meta = dict(results[0].meta)

@@ -1,0 +1,256 @@
+"""Tracing the causal chain with interventions, each link with its effect size and baseline.
+
+:func:`trace_chain` runs the links in order:
+
+1. **Super neurons -> dimension disparity -> sink -> loss.** The super neurons found by the scan
+   (or given) are mean-ablated at the first token (:class:`~tl_sinks.interventions.AblateNeurons`,
+   ``mode="mean"``: each neuron set to its mean over positions >= 1). Reported: the massive dim's
+   first-token magnitude, the paper's disparity ratio, the sink rate and mean attention at
+   position 0, and the next-token loss (causal models), each before and after.
+2. **Interventions at a position p create a sink there.** :class:`~tl_sinks.interventions.SelfOnlyMask`
+   and :class:`~tl_sinks.interventions.AmplifyDeviation` over a sweep of ``lambda``, against the
+   control :class:`~tl_sinks.interventions.ScaleOutput` and no intervention: attention received
+   by ``p`` per layer (mean over heads, prompts and the queries after ``p``) and the sink rate
+   at ``p``.
+
+Everything is measured with the same accumulating scan, so the cost is one forward pass per
+batch per condition.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from tl_sinks._compat import ModelInfo, inspect_model, require_hooks
+from tl_sinks._inputs import TokenBatch, prepare_prompts
+from tl_sinks._types import HookFn, ModelLike
+from tl_sinks.hooks import FiniteGuard
+from tl_sinks.interventions import AblateNeurons, AmplifyDeviation, Intervention, ScaleOutput, SelfOnlyMask
+from tl_sinks.results import meta_html
+from tl_sinks.scan import run_stages, scan
+from tl_sinks.sinks import DEFAULT_EPS, SinkAccumulator
+
+DEFAULT_LAMBDAS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
+
+
+class LossAccumulator:
+    """Mean next-token cross-entropy over real tokens, from ``unembed.hook_out`` (causal models)."""
+
+    stage = "loss"
+
+    def __init__(self, model: ModelLike, info: ModelInfo) -> None:
+        if not info.causal:
+            raise ValueError("next-token loss is defined for causal models only")
+        self.info = info
+        require_hooks(model, self.hook_names(), stage=self.stage)
+        self.total = torch.zeros((), dtype=torch.float64)
+        self.count = torch.zeros((), dtype=torch.float64)
+
+    def hook_names(self) -> list[str]:
+        return ["unembed.hook_out"]
+
+    def fwd_hooks(self, batch: TokenBatch, guard: FiniteGuard) -> list[tuple[str, HookFn]]:
+        self.total, self.count = self.total.to(batch.tokens.device), self.count.to(batch.tokens.device)
+
+        def hook(logits: Tensor, hook: Any) -> None:
+            lp = torch.log_softmax(logits[:, :-1].float(), -1)
+            nll = -lp.gather(-1, batch.tokens[:, 1:, None])[..., 0]
+            w = (batch.valid[:, 1:]).to(nll.dtype)  # a target is real when its position is
+            guard.watch(hook.name, (nll * w).sum())
+            self.total += (nll * w).sum().double()
+            self.count += w.sum().double()
+
+        return [("unembed.hook_out", hook)]
+
+    def end_batch(self, batch: TokenBatch) -> None:
+        pass
+
+    def result(self, meta: dict[str, Any]) -> float:
+        return float(self.total / self.count.clamp_min(1))
+
+
+def next_token_loss(model: ModelLike, prompts: Any, *, interventions: Sequence[Intervention] = (), batch_size: int = 8, **kw: Any) -> float:
+    """Mean next-token loss over the prompts' real tokens (optionally under interventions)."""
+    (loss,) = run_stages(model, prompts, [LossAccumulator], batch_size=batch_size, interventions=interventions, **kw)
+    return loss
+
+
+def attention_to(
+    model: ModelLike,
+    prompts: Any,
+    pos: int,
+    *,
+    interventions: Sequence[Intervention] = (),
+    eps: float = DEFAULT_EPS,
+    batch_size: int = 8,
+    **kw: Any,
+) -> tuple[Tensor, Tensor]:
+    """Per layer: mean attention key ``pos`` receives from the queries after it, and its sink rate.
+
+    Returns:
+        ``(received [layer], sink_rate [layer])``, over the prompts longer than ``pos + 1``.
+    """
+    (s,) = run_stages(
+        model, prompts, [lambda m, i: SinkAccumulator(m, i, eps=eps, exclude_self=True)],
+        batch_size=batch_size, interventions=interventions, **kw,
+    )
+    if pos >= s.values.shape[-1] or int(s.n_prompts[pos]) == 0:
+        raise ValueError(f"no prompt has a query after position {pos}; choose a smaller pos or longer prompts")
+    return s.values[:, :, pos].mean(1), s.above_eps[:, :, pos].mean(1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChainTrace:
+    """The causal chain, link by link.
+
+    Attributes:
+        links: One row per measured link: ``link``, ``metric``, ``baseline``, ``intervened``,
+            ``effect`` (intervened - baseline) and ``relative`` (effect / |baseline|).
+        sweep: One row per (intervention, lambda, layer): attention received by ``pos`` from
+            later queries (``received``) and the sink rate at ``pos`` (``sink_rate``), with the
+            no-intervention ``baseline_received``.
+        pos: The position of the sink-creating interventions.
+        neurons: The super neurons ablated, ``[(layer, neuron), ...]``.
+        meta: Provenance.
+    """
+
+    links: pd.DataFrame
+    sweep: pd.DataFrame
+    pos: int
+    neurons: list[tuple[int, int]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_frame(self) -> pd.DataFrame:
+        """The links table."""
+        return self.links.copy()
+
+    def peak_received(self) -> pd.DataFrame:
+        """Per (intervention, lambda): the largest per-layer attention received by ``pos``."""
+        g = self.sweep.groupby(["intervention", "lam"], sort=False, dropna=False)
+        return g.agg(peak_received=("received", "max"), peak_layer=("received", "idxmax"),
+                     peak_sink_rate=("sink_rate", "max")).reset_index().assign(
+            peak_layer=lambda d: self.sweep.loc[d["peak_layer"], "layer"].values
+        )
+
+    def report(self) -> str:
+        lines = [f"causal-chain trace of {self.meta.get('model_name')} ({self.meta.get('n_prompts')} prompts)"]
+        if self.neurons:
+            lines.append(f"ablating super neurons {', '.join(f'L{l}N{n}' for l, n in self.neurons)} at position 0 (mean):")
+            for r in self.links.itertuples():
+                lines.append(f"  {r.link:<28} {r.metric:<44} {r.baseline:10.4g} -> {r.intervened:10.4g} ({r.relative:+.0%})")
+        else:
+            lines.append("no super neurons found: the ablation links were not measured")
+        lines.append(f"interventions at position {self.pos}: peak attention received over layers")
+        for r in self.peak_received().itertuples():
+            lam = "" if math.isnan(r.lam) else f" lambda={r.lam:g}"
+            lines.append(f"  {r.intervention + lam:<34} {r.peak_received:.3f} (layer {r.peak_layer}), sink rate {r.peak_sink_rate:.2f}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.report()
+
+    def _repr_html_(self) -> str:
+        return (
+            f"<b>ChainTrace</b> (position {self.pos})<br>" + self.links.to_html(index=False)
+            + self.peak_received().to_html(index=False)
+            + f"<details><summary>meta</summary>{meta_html(self.meta)}</details>"
+        )
+
+
+def _default_pos(model: ModelLike, prompts: Any, **kw: Any) -> int:
+    info = inspect_model(model)
+    prepared = prepare_prompts(model, info, prompts, **kw)
+    shortest = min(len(s) for s in prepared.sequences)
+    if shortest < 4:
+        raise ValueError("the position interventions need prompts of at least 4 tokens")
+    return shortest // 2
+
+
+def trace_chain(
+    model: ModelLike,
+    prompts: Any = None,
+    *,
+    pos: int | None = None,
+    lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+    neurons: Sequence[tuple[int, int]] | None = None,
+    eps: float = DEFAULT_EPS,
+    batch_size: int = 8,
+    attention_mask: Tensor | None = None,
+    prepend_bos: bool | None = None,
+    require_bos: bool = True,
+    progress: bool = True,
+) -> ChainTrace:
+    """Trace the causal chain with interventions and report an effect size per link.
+
+    Args:
+        model: A TransformerBridge in eval mode.
+        prompts: Strings, token ids or a padded tensor (``None``: the built-in prompts).
+        pos: Position for the sink-creating interventions (default: half the shortest prompt).
+        lambdas: Amplification factors for :class:`AmplifyDeviation` and :class:`ScaleOutput`.
+        neurons: Super neurons to ablate (default: those :func:`tl_sinks.scan` finds).
+        eps: Sink-rate threshold.
+        batch_size, attention_mask, prepend_bos, require_bos: As for :func:`tl_sinks.scan`.
+        progress: Show progress bars.
+
+    Returns:
+        :class:`ChainTrace`.
+    """
+    from tl_sinks.scan import builtin_prompts
+
+    prompts = builtin_prompts() if prompts is None else prompts
+    kw: dict[str, Any] = dict(attention_mask=attention_mask, prepend_bos=prepend_bos, require_bos=require_bos)
+    info = inspect_model(model)
+    p = _default_pos(model, prompts, **kw) if pos is None else pos
+    base = scan(model, prompts, eps=eps, batch_size=batch_size, progress=progress, **kw)
+    if neurons is None:
+        found = base.super_neurons.found if base.super_neurons is not None else pd.DataFrame()
+        neurons = [(int(r.layer), int(r.neuron)) for r in found.itertuples()] if len(found) else []
+    neurons = [tuple(n) for n in neurons]  # type: ignore[misc]
+    rows: list[dict[str, Any]] = []
+    if neurons:
+        spec = AblateNeurons(neurons=tuple(neurons), pos=0, mode="mean")  # type: ignore[arg-type]
+        abl = scan(model, prompts, stages=["sinks", "disparity"], eps=eps, batch_size=batch_size,
+                   progress=progress, interventions=[spec], **kw)
+        d0 = base.disparity
+        dim = int(d0.top_dims().sort_values("first_mean_abs").iloc[-1]["dim"])
+        layer = int(d0.first_mean_abs[:, dim].argmax())
+
+        def row(link: str, metric: str, b: float, a: float) -> None:
+            rows.append({"link": link, "metric": metric, "baseline": b, "intervened": a, "effect": a - b,
+                         "relative": (a - b) / abs(b) if b else float("nan")})
+
+        row("super neurons -> massive dim", f"mean |x| of dim {dim} at pos 0, layer {layer}",
+            float(d0.first_mean_abs[layer, dim]), float(abl.disparity.first_mean_abs[layer, dim]))
+        row("-> dimension disparity", "paper ratio at pos 0 (max over layers)", d0.disparity(0), abl.disparity.disparity(0))
+        row("-> sink", f"sink rate at pos 0 (eps={eps})", base.sinks.sink_rate(0), abl.sinks.sink_rate(0))
+        row("-> sink", "mean attention received by pos 0", base.sinks.mean_received(0), abl.sinks.mean_received(0))
+        if info.causal:
+            row("-> loss", "next-token loss", next_token_loss(model, prompts, batch_size=batch_size, **kw),
+                next_token_loss(model, prompts, interventions=[spec], batch_size=batch_size, **kw))
+    links = pd.DataFrame(rows, columns=["link", "metric", "baseline", "intervened", "effect", "relative"])
+    conditions: list[tuple[str, float, list[Intervention]]] = [("none", float("nan"), []), ("self_only_mask", float("nan"), [SelfOnlyMask(pos=p)])]
+    conditions += [("amplify_deviation", float(lam), [AmplifyDeviation(pos=p, lam=lam)]) for lam in lambdas]
+    conditions += [("scale_output", float(lam), [ScaleOutput(pos=p, lam=lam)]) for lam in lambdas]
+    sweep_rows = []
+    baseline = None
+    for name, lam, specs in conditions:
+        rec, rate = attention_to(model, prompts, p, interventions=specs, eps=eps, batch_size=batch_size, progress=False, **kw)
+        if baseline is None:
+            baseline = rec
+        for layer in range(info.n_layers):
+            sweep_rows.append({"intervention": name, "lam": lam, "layer": layer, "received": float(rec[layer]),
+                               "sink_rate": float(rate[layer]), "baseline_received": float(baseline[layer])})
+    meta = {**base.meta, "pos": p, "lambdas": list(lambdas), "eps": eps,
+            "ablation": "AblateNeurons(mode='mean', pos=0)" if neurons else None}
+    return ChainTrace(links=links, sweep=pd.DataFrame(sweep_rows), pos=p, neurons=list(neurons), meta=meta)  # type: ignore[arg-type]
+
+
+__all__: Sequence[str] = ["ChainTrace", "LossAccumulator", "attention_to", "next_token_loss", "trace_chain"]

@@ -1,0 +1,336 @@
+"""Train small Llama-style decoders from scratch, saved in Hugging Face format.
+
+The model is a plain ``transformers.LlamaForCausalLM`` (RMSNorm, rotary, gated MLP), so the
+checkpoint loads through :func:`tl_sinks.load_model` exactly like a hub model. Training is plain
+PyTorch: AdamW, linear warm-up then cosine decay, gradient clipping, a progress bar, periodic
+validation, checkpoints that resume bit-for-bit on CPU (model, optimiser, data-sampler and RNG
+states), and a JSON log of the loss curve.
+
+Every training sequence starts with BOS followed by ``seq_len - 1`` tokens of a random window
+of the tokenised corpus (documents joined with EOS), so position 0 always holds BOS, as in the
+paper's setting.
+
+Example:
+    >>> from tl_sinks.train import TrainConfig, train
+    >>> train(TrainConfig(steps=100), "runs/tiny")     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tl_sinks.train.corpus import DEFAULT_PACKAGES, build_corpus
+
+BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<s>", "</s>", "<pad>"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run.
+
+    Attributes:
+        d_model, n_layers, n_heads, n_kv_heads, d_mlp: Model shape (Llama; ``n_kv_heads`` for GQA).
+        vocab_size: Byte-level BPE vocabulary trained on the corpus.
+        seq_len: Tokens per training sequence, BOS included.
+        attention: Attention variant; ``"softmax"`` (baseline).
+        tie_embeddings: Share the embedding and unembedding matrices.
+        steps, batch_size, lr, min_lr_ratio, warmup, weight_decay, beta1, beta2, grad_clip:
+            Optimisation.
+        packages, max_documents, val_fraction: Corpus (see :func:`build_corpus`).
+        seed, device, dtype, num_threads: Run settings (``dtype`` of the parameters).
+        eval_every, eval_batches, checkpoint_every: Validation and checkpoint cadence (steps).
+    """
+
+    d_model: int = 192
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int | None = None
+    d_mlp: int = 512
+    vocab_size: int = 4096
+    seq_len: int = 256
+    attention: str = "softmax"
+    tie_embeddings: bool = True
+    steps: int = 4000
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 200
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    packages: tuple[str, ...] = DEFAULT_PACKAGES
+    max_documents: int | None = None
+    val_fraction: float = 0.01
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    num_threads: int | None = None
+    eval_every: int = 250
+    eval_batches: int = 8
+    checkpoint_every: int = 500
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.packages = tuple(self.packages)
+        if self.attention != "softmax":
+            raise NotImplementedError(
+                f"attention variant {self.attention!r} is not implemented yet; only 'softmax' is"
+            )
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.seq_len < 2 or self.steps < 1 or self.batch_size < 1:
+            raise ValueError("seq_len >= 2, steps >= 1 and batch_size >= 1 are required")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["packages"] = list(self.packages)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def data_key(self) -> dict[str, Any]:
+        """Settings that determine the tokenised data (a changed key rebuilds it)."""
+        return {k: getattr(self, k) for k in ("vocab_size", "max_documents", "val_fraction")} | {
+            "packages": list(self.packages)
+        }
+
+
+# --------------------------------------------------------------------------- tokenizer & data
+def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
+    """Byte-level BPE trained on ``texts``; prepends BOS to every encoded text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos = tok.token_to_id(BOS_TOKEN)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS_TOKEN} $A", special_tokens=[(BOS_TOKEN, bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, unk_token=None,
+        model_max_length=1_000_000,
+    )
+
+
+def _encode_stream(tokenizer: Any, docs: list[str]) -> np.ndarray:
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for d in docs:
+        ids.extend(tokenizer(d, add_special_tokens=False)["input_ids"])
+        ids.append(eos)
+    dtype = np.uint16 if tokenizer.vocab_size < 2**16 else np.int32
+    return np.asarray(ids, dtype=dtype)
+
+
+def prepare_data(cfg: TrainConfig, data_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Build (or reuse) the corpus, tokenizer and token streams under ``data_dir``."""
+    from transformers import PreTrainedTokenizerFast
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key_file = data_dir / "data_key.json"
+    if key_file.exists() and json.loads(key_file.read_text()) == cfg.data_key():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(data_dir / "tokenizer")
+        manifest = json.loads((data_dir / "corpus_manifest.json").read_text())
+    else:
+        if progress:
+            print("tl_sinks.train: collecting the docstring corpus ...", flush=True)
+        corpus = build_corpus(cfg.packages, max_documents=cfg.max_documents)
+        train_docs, val_docs = corpus.split(cfg.val_fraction)
+        if not val_docs:
+            val_docs = train_docs[-1:]
+        tokenizer = train_tokenizer(train_docs, cfg.vocab_size)
+        tokenizer.save_pretrained(data_dir / "tokenizer")
+        train_ids, val_ids = _encode_stream(tokenizer, train_docs), _encode_stream(tokenizer, val_docs)
+        np.save(data_dir / "train.npy", train_ids)
+        np.save(data_dir / "val.npy", val_ids)
+        manifest = corpus.manifest | {
+            "train_documents": len(train_docs), "val_documents": len(val_docs),
+            "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids)),
+        }
+        (data_dir / "corpus_manifest.json").write_text(json.dumps(manifest, indent=2))
+        key_file.write_text(json.dumps(cfg.data_key()))
+    train_ids = np.load(data_dir / "train.npy", mmap_mode="r")
+    val_ids = np.load(data_dir / "val.npy", mmap_mode="r")
+    for name, ids in (("train", train_ids), ("validation", val_ids)):
+        if len(ids) < cfg.seq_len:
+            raise ValueError(f"the {name} token stream ({len(ids)} tokens) is shorter than seq_len={cfg.seq_len}")
+    return {"tokenizer": tokenizer, "train": train_ids, "val": val_ids, "manifest": manifest}
+
+
+def sample_batch(ids: np.ndarray, batch_size: int, seq_len: int, bos_id: int, gen: torch.Generator) -> torch.Tensor:
+    """``[batch, seq_len]``: BOS, then a random window of ``seq_len - 1`` corpus tokens."""
+    starts = torch.randint(0, len(ids) - (seq_len - 1), (batch_size,), generator=gen)
+    out = torch.empty(batch_size, seq_len, dtype=torch.long)
+    out[:, 0] = bos_id
+    for i, s in enumerate(starts.tolist()):
+        out[i, 1:] = torch.from_numpy(np.asarray(ids[s : s + seq_len - 1], dtype=np.int64))
+    return out
+
+
+# --------------------------------------------------------------------------- model
+def build_model(cfg: TrainConfig, tokenizer: Any) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_mlp,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
+        max_position_embeddings=cfg.seq_len,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(hf_cfg).to(dtype=getattr(torch, cfg.dtype))
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``min_lr_ratio * lr`` at ``steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    )
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, ids: np.ndarray, cfg: TrainConfig, bos_id: int) -> float:
+    """Mean next-token loss on ``eval_batches`` fixed validation windows (seeded, identical every call)."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(10_000 + cfg.seed)
+    losses = []
+    for _ in range(cfg.eval_batches):
+        x = sample_batch(ids, cfg.batch_size, cfg.seq_len, bos_id, gen).to(cfg.device)
+        losses.append(float(model(x, labels=x).loss))
+    model.train(was_training)
+    return float(np.mean(losses))
+
+
+# --------------------------------------------------------------------------- training loop
+def train(
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Path:
+    """Train and save a model; returns the Hugging Face model directory ``out_dir/model``.
+
+    Args:
+        cfg: The run's settings.
+        out_dir: Run directory (data cache, ``checkpoint.pt``, ``log.json``, ``model/``).
+        resume: Continue from ``out_dir/checkpoint.pt`` when it exists (same config required).
+        progress: Show a progress bar.
+        stop_after: Stop (after checkpointing) once this many steps are done, to split a run
+            across sessions; ``None`` trains to ``cfg.steps``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.use_deterministic_algorithms(cfg.device == "cpu", warn_only=True)
+    data = prepare_data(cfg, out / "data", progress=progress)
+    tokenizer = data["tokenizer"]
+    bos_id = tokenizer.bos_token_id
+    model = build_model(cfg, tokenizer).to(cfg.device)
+    opt = _optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, log = 0, {"config": cfg.to_dict(), "corpus": data["manifest"], "train": [], "val": []}
+    ckpt = out / "checkpoint.pt"
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location=cfg.device, weights_only=False)
+        if state["config"] != cfg.to_dict():
+            raise ValueError(f"{ckpt} was written with a different config; use another out_dir or resume=False")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        step, log = state["step"], state["log"]
+    model.train()
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="tl_sinks.train", unit="step")
+    t0 = time.perf_counter()
+    try:
+        while step < end:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, step)
+            x = sample_batch(data["train"], cfg.batch_size, cfg.seq_len, bos_id, gen).to(cfg.device)
+            loss = model(x, labels=x).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {float(loss)} at step {step}; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            log["train"].append([step, float(loss)])
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                log["val"].append([step, evaluate(model, data["val"], cfg, bos_id)])
+            if step % cfg.checkpoint_every == 0 or step == end:
+                _save_checkpoint(ckpt, model, opt, gen, step, log, cfg)
+    finally:
+        bar.close()
+    log.setdefault("seconds", 0.0)
+    log["seconds"] += time.perf_counter() - t0
+    (out / "log.json").write_text(json.dumps(log))
+    model_dir = out / "model"
+    if step >= cfg.steps:
+        model.eval()
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        (model_dir / "training.json").write_text(
+            json.dumps({"config": cfg.to_dict(), "corpus": data["manifest"], "final_val_loss": log["val"][-1][1] if log["val"] else None,
+                        "steps": step, "tokens_seen": step * cfg.batch_size * cfg.seq_len}, indent=2)
+        )
+    return model_dir
+
+
+def _save_checkpoint(path: Path, model, opt, gen, step, log, cfg) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "sampler": gen.get_state(),
+         "torch_rng": torch.get_rng_state(), "step": step, "log": log, "config": cfg.to_dict()},
+        tmp,
+    )
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
