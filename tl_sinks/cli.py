@@ -1,6 +1,9 @@
-"""Command line: ``tl-sinks scan --model NAME_OR_PATH [--prompts FILE] [--json OUT]``.
+"""Command line.
 
-Prints the scan report; ``--json`` also writes the headline findings and provenance.
+* ``tl-sinks scan --model NAME_OR_PATH [--prompts FILE] [--json OUT]``: print the scan report;
+  ``--json`` also writes the headline findings and provenance.
+* ``tl-sinks report --model NAME_OR_PATH [--prompts FILE] [--out report.html]``: write one
+  self-contained HTML report that renders offline.
 """
 
 from __future__ import annotations
@@ -50,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--eps", type=float, default=0.3, help="sink-rate threshold (Gu et al.: 0.3)")
     s.add_argument("--no-require-bos", action="store_true", help="analyse position 0 even if it is not BOS")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    r = sub.add_parser("report", help="write one self-contained HTML report (renders offline)")
+    r.add_argument("--model", required=True, help="local Hugging Face model directory, hub name, or 'minilm'")
+    r.add_argument("--prompts", help="text file, one prompt per line (default: tl_sinks' built-in prompts)")
+    r.add_argument("--out", default="tl_sinks_report.html", help="output HTML path (default: %(default)s)")
+    r.add_argument("--no-trace", action="store_true", help="skip the intervention trace (faster)")
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--device", default=None)
+    r.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return ap
 
 
@@ -58,6 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     import tl_sinks  # imported late so `--help` is instant
 
     prompts = _read_prompts(args.prompts) if args.prompts else None
+    if args.command == "report":
+        from tl_sinks.report import write_report
+
+        try:
+            model = tl_sinks.load_model(args.model, device=args.device)
+            path = write_report(model, args.out, prompts, trace=not args.no_trace, batch_size=args.batch_size, progress=not args.no_progress)
+        except (tl_sinks.ModelNotAvailableError, ValueError, NotImplementedError) as e:
+            print(f"tl-sinks: error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); open it in a browser, no network needed")
+        return 0
     try:
         model = tl_sinks.load_model(args.model, device=args.device)
         result = tl_sinks.scan(

@@ -179,7 +179,7 @@ def trace_chain(
     prompts: Any = None,
     *,
     pos: int | None = None,
-    lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+    lambdas: Sequence[float | int] = DEFAULT_LAMBDAS,
     neurons: Sequence[tuple[int, int]] | None = None,
     eps: float = DEFAULT_EPS,
     batch_size: int = 8,
@@ -237,8 +237,8 @@ def trace_chain(
                 next_token_loss(model, prompts, interventions=[spec], batch_size=batch_size, **kw))
     links = pd.DataFrame(rows, columns=["link", "metric", "baseline", "intervened", "effect", "relative"])
     conditions: list[tuple[str, float, list[Intervention]]] = [("none", float("nan"), []), ("self_only_mask", float("nan"), [SelfOnlyMask(pos=p)])]
-    conditions += [("amplify_deviation", float(lam), [AmplifyDeviation(pos=p, lam=lam)]) for lam in lambdas]
-    conditions += [("scale_output", float(lam), [ScaleOutput(pos=p, lam=lam)]) for lam in lambdas]
+    conditions += [("amplify_deviation", float(lam), [AmplifyDeviation(pos=p, lam=float(lam))]) for lam in lambdas]
+    conditions += [("scale_output", float(lam), [ScaleOutput(pos=p, lam=float(lam))]) for lam in lambdas]
     sweep_rows = []
     baseline = None
     for name, lam, specs in conditions:
