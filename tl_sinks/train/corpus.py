@@ -110,9 +110,14 @@ def build_corpus(
     docs: list[str] = []
     sources: list[dict[str, Any]] = []
 
+    def full() -> bool:
+        return max_documents is not None and len(docs) >= max_documents
+
     def add(name: str, version: str, texts: Iterable[str]) -> None:
         n = chars = 0
         for t in texts:
+            if full():
+                break  # stop reading (quick test corpora need not parse every file)
             if t in seen:
                 continue
             seen.add(t)
@@ -129,13 +134,13 @@ def build_corpus(
         add("pydoc_data.topics", platform.python_version(), (topics.topics[k] for k in sorted(topics.topics)))
     missing = []
     for name in packages:
+        if full():
+            break
         spec = importlib.util.find_spec(name)
         if spec is None or spec.origin is None:
             missing.append(name)
             continue
         add(name, _version(name), _docstrings(Path(spec.origin).parent, min_chars))
-    if max_documents is not None:
-        docs = docs[:max_documents]
     digest = hashlib.sha256("\x00".join(docs).encode("utf-8")).hexdigest()
     manifest = {
         "kind": "docstrings",

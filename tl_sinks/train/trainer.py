@@ -70,7 +70,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    packages: tuple[str, ...] = DEFAULT_PACKAGES
+    packages: tuple[str, ...] | list[str] = DEFAULT_PACKAGES
     max_documents: int | None = None
     val_fraction: float = 0.01
     seed: int = 0
@@ -103,7 +103,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        kw = {k: v for k, v in d.items() if k in known}
+        if "packages" in kw:
+            kw["packages"] = tuple(kw["packages"])
+        return cls(**kw)
 
     def data_key(self) -> dict[str, Any]:
         """Settings that determine the tokenised data (a changed key rebuilds it)."""
@@ -302,9 +305,10 @@ def train(
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
-            log["train"].append([step, float(loss)])
+            loss_value = float(loss.detach())
+            log["train"].append([step, loss_value])
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}")
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 log["val"].append([step, evaluate(model, data["val"], cfg, bos_id)])
             if step % cfg.checkpoint_every == 0 or step == end:

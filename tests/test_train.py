@@ -1,0 +1,96 @@
+"""The training harness runs on CPU, is seeded and resumes bit for bit, and its checkpoints load
+through load_model like any Hugging Face model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tl_sinks
+from tl_sinks.train import TrainConfig, build_corpus, lr_at, train
+
+TINY = dict(
+    d_model=32, n_layers=2, n_heads=2, d_mlp=64, vocab_size=320, seq_len=32, steps=6, batch_size=4,
+    warmup=2, packages=(), max_documents=150, eval_every=3, eval_batches=2, checkpoint_every=3, num_threads=1,
+)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train(TrainConfig(**TINY), out, progress=False)
+    return out
+
+
+def test_training_writes_a_loadable_hf_model(run_dir):
+    model_dir = run_dir / "model"
+    assert (model_dir / "config.json").is_file() and (model_dir / "tokenizer.json").is_file()
+    meta = json.loads((model_dir / "training.json").read_text())
+    assert meta["steps"] == 6 and meta["tokens_seen"] == 6 * 4 * 32
+    assert meta["corpus"]["documents"] == 150 and len(meta["corpus"]["sha256"]) == 64
+    log = json.loads((run_dir / "log.json").read_text())
+    assert [s for s, _ in log["train"]] == list(range(1, 7)) and [s for s, _ in log["val"]] == [3, 6]
+    model = tl_sinks.load_model(model_dir, device="cpu")
+    info = tl_sinks.inspect_model(model)
+    assert info.architecture == "LlamaForCausalLM" and info.first_token_id == model.tokenizer.bos_token_id
+    r = tl_sinks.scan(model, ["def f(x): return x", "Return the sum of the values."], progress=False)
+    assert r.meta["pos0_is_bos"] is True
+
+
+def test_every_training_sequence_starts_with_bos(run_dir):
+    from tl_sinks.train.trainer import prepare_data, sample_batch
+
+    data = prepare_data(TrainConfig(**TINY), run_dir / "data", progress=False)
+    x = sample_batch(data["train"], 8, 32, data["tokenizer"].bos_token_id, torch.Generator().manual_seed(0))
+    assert (x[:, 0] == data["tokenizer"].bos_token_id).all()
+    assert not (x[:, 1:] == data["tokenizer"].bos_token_id).any()
+
+
+def test_resume_is_bit_exact_and_runs_are_seeded(run_dir, tmp_path):
+    split = tmp_path / "split"
+    train(TrainConfig(**TINY), split, progress=False, stop_after=3)
+    assert not (split / "model").exists()
+    train(TrainConfig(**TINY), split, progress=False)
+    a = load_file(str(run_dir / "model" / "model.safetensors"))
+    b = load_file(str(split / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    other = tmp_path / "seed1"
+    train(TrainConfig(**(TINY | {"seed": 1})), other, progress=False)
+    c = load_file(str(other / "model" / "model.safetensors"))
+    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], c["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_resume_refuses_a_different_config(run_dir):
+    with pytest.raises(ValueError, match="different config"):
+        train(TrainConfig(**(TINY | {"steps": 8})), run_dir, progress=False)
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(**(TINY | {"steps": 100, "warmup": 10, "lr": 1e-3, "min_lr_ratio": 0.1}))
+    assert lr_at(cfg, 0) == pytest.approx(1e-4)
+    assert lr_at(cfg, 9) == pytest.approx(1e-3)
+    assert lr_at(cfg, 10) == pytest.approx(1e-3)
+    assert lr_at(cfg, 100) == pytest.approx(1e-4)
+    assert lr_at(cfg, 55) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="divisible"):
+        TrainConfig(d_model=30, n_heads=4)
+    with pytest.raises(NotImplementedError, match="not implemented yet"):
+        TrainConfig(attention="sink_logit")
+    cfg = TrainConfig(**TINY)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_corpus_is_deterministic_and_split_by_hash():
+    a = build_corpus(packages=(), max_documents=40)
+    b = build_corpus(packages=(), max_documents=40)
+    assert a.documents == b.documents and a.manifest["sha256"] == b.manifest["sha256"]
+    train_docs, val_docs = a.split(0.2)
+    assert sorted(train_docs + val_docs) == sorted(a.documents) and 0 < len(val_docs) < 40
