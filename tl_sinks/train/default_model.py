@@ -1,0 +1,136 @@
+"""The default model shipped inside tl_sinks: its recipe, and its model card measured by scan.
+
+``python -m tl_sinks.train.default_model train OUT_DIR`` trains it from scratch with
+:data:`RECIPE` (about an hour on 2 CPU cores); ``install OUT_DIR/model`` copies the result into
+the package (weights stored in fp16 to keep the wheel small; tl_sinks loads them in fp32); and
+``card`` re-measures the shipped model with :func:`tl_sinks.scan` and rewrites ``MODEL_CARD.md``
+and ``chain.json`` next to it. Every number in the card comes from that command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tl_sinks.train.trainer import TrainConfig, sample_batch
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "default_model"
+
+RECIPE = TrainConfig(
+    d_model=192,
+    n_layers=6,
+    n_heads=6,
+    d_mlp=512,
+    vocab_size=4096,
+    seq_len=256,
+    steps=4000,
+    batch_size=16,
+    lr=3e-3,
+    warmup=200,
+    weight_decay=0.1,
+    seed=0,
+)
+
+# The evaluation set of the card: held-out (validation) windows of the training corpus.
+CARD_PROMPTS = {"n": 64, "seq_len": 128, "seed": 123}
+
+
+def default_model_path() -> str:
+    """Directory of the shipped default model (raises if the package data is missing)."""
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the default model is missing from {DEFAULT_MODEL_DIR}; reinstall tl_sinks, or train it with "
+            "`python -m tl_sinks.train.default_model train runs/default` and `install runs/default/model`"
+        )
+    return str(DEFAULT_MODEL_DIR)
+
+
+def card_prompts(tokenizer: Any, val_ids: Any = None) -> torch.Tensor:
+    """The card's evaluation windows: BOS + 127 tokens of held-out text, seeded."""
+    if val_ids is None:
+        import numpy as np
+
+        val_ids = np.load(DEFAULT_MODEL_DIR / "val_sample.npy")
+    gen = torch.Generator().manual_seed(CARD_PROMPTS["seed"])
+    return sample_batch(val_ids, CARD_PROMPTS["n"], CARD_PROMPTS["seq_len"], tokenizer.bos_token_id, gen)
+
+
+def install(model_dir: str | Path, run_dir: str | Path | None = None) -> Path:
+    """Copy a trained model into the package (fp16 weights) with its training record."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(model_dir)
+    dest = DEFAULT_MODEL_DIR
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model.to(torch.float16).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dest)
+    shutil.copy(src / "training.json", dest / "training.json")
+    run = Path(run_dir) if run_dir is not None else src.parent
+    if (run / "log.json").is_file():
+        log = json.loads((run / "log.json").read_text())
+        (dest / "loss_curve.json").write_text(json.dumps({"train": log["train"][::10], "val": log["val"]}))
+    import numpy as np
+
+    # A slice of the held-out token stream, so the card's prompts are reproducible offline.
+    val = np.load(run / "data" / "val.npy")
+    np.save(dest / "val_sample.npy", val[:20000])
+    return dest
+
+
+def measure(path: str | None = None) -> dict[str, Any]:
+    """Run the scan and the chain trace on the card's prompts; return the card's numbers."""
+    import tl_sinks
+    from tl_sinks.trace import trace_chain
+
+    model = tl_sinks.load_model(path or default_model_path(), device="cpu")
+    prompts = card_prompts(model.tokenizer)
+    r = tl_sinks.scan(model, prompts, batch_size=16, progress=False)
+    s = r.summary()
+    t = trace_chain(model, prompts[:32], batch_size=16, progress=False)
+    return {
+        "prompts": CARD_PROMPTS | {"source": "held-out corpus windows (val_sample.npy), BOS + 127 tokens"},
+        "summary": s,
+        "sink_rate_by_layer": r.sinks.sink_rate_by_layer(0).values.tolist(),
+        "mean_received_by_layer": r.sinks.values[:, :, 0].mean(1).tolist(),
+        "var_ratio_by_layer": r.aggregation.layer_ratio().values.tolist(),
+        "super_neurons": r.super_neurons.found[["label", "max_value", "max_pos", "position_ratio", "down_kurtosis", "top_dims", "top1_share"]].to_dict("records"),
+        "top_dims": r.disparity.top_dims().to_dict("records"),
+        "massive_dims": r.disparity.massive_dims().to_dict("records"),
+        "chain_links": t.links.to_dict("records"),
+        "position_sweep_peak": t.peak_received().to_dict("records"),
+        "position": t.pos,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("out")
+    i = sub.add_parser("install")
+    i.add_argument("model_dir")
+    c = sub.add_parser("card")
+    c.add_argument("--path", default=None)
+    args = ap.parse_args(argv)
+    if args.cmd == "train":
+        from tl_sinks.train.trainer import train
+
+        print(train(RECIPE, args.out))
+    elif args.cmd == "install":
+        print(install(args.model_dir))
+    else:
+        numbers = measure(args.path)
+        (DEFAULT_MODEL_DIR / "chain.json").write_text(json.dumps(numbers, indent=2, default=str))
+        print(json.dumps(numbers["summary"], indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
