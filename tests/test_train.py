@@ -70,6 +70,15 @@ def test_resume_refuses_a_different_config(run_dir):
         train(TrainConfig(**(TINY | {"steps": 8})), run_dir, progress=False)
 
 
+@pytest.mark.parametrize("variant", ["headnorm", "gated", "sink_logit", "softmax1"])
+def test_every_variant_trains_and_loads(tmp_path, variant):
+    out = train(TrainConfig(**(TINY | {"attention": variant, "steps": 2, "eval_every": 2, "checkpoint_every": 2})), tmp_path, progress=False)
+    model = tl_sinks.load_model(out, device="cpu")
+    assert json.loads((out / "config.json").read_text())["tl_sinks_attention"] == variant
+    r = tl_sinks.scan(model, ["Return the value.", "def f(): pass"], progress=False, stages=["sinks"])
+    assert r.sinks.values.shape[0] == 2
+
+
 def test_lr_schedule():
     cfg = TrainConfig(**(TINY | {"steps": 100, "warmup": 10, "lr": 1e-3, "min_lr_ratio": 0.1}))
     assert lr_at(cfg, 0) == pytest.approx(1e-4)
@@ -82,8 +91,8 @@ def test_lr_schedule():
 def test_config_validation():
     with pytest.raises(ValueError, match="divisible"):
         TrainConfig(d_model=30, n_heads=4)
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        TrainConfig(attention="sink_logit")
+    with pytest.raises(ValueError, match="unknown attention variant"):
+        TrainConfig(attention="linear")
     cfg = TrainConfig(**TINY)
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 

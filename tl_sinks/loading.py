@@ -122,6 +122,36 @@ def resolve_model_path(name_or_path: str | os.PathLike[str], *, revision: str | 
     return name, "hub"
 
 
+def _variant(path: str) -> str | None:
+    """The tl_sinks attention variant recorded in a local checkpoint's config.json, if any."""
+    import json
+
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    from tl_sinks.train.modeling import variant_of
+
+    return variant_of(json.loads(cfg.read_text()))
+
+
+def _load_variant(path: str, dtype: torch.dtype) -> Any:
+    """Rebuild a tl_sinks attention variant and load its weights (strictly)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from tl_sinks.train.modeling import build_variant
+
+    hf_config = AutoConfig.from_pretrained(path)
+    model = build_variant(hf_config)
+    state = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    if getattr(hf_config, "tie_word_embeddings", False):
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    model.load_state_dict(state, strict=True)
+    return model.to(dtype).eval()
+
+
 def load_model(
     name_or_path: str | os.PathLike[str],
     *,
@@ -149,7 +179,9 @@ def load_model(
 
     Returns:
         A ``TransformerBridge`` in eval mode. ``tl_sinks.describe_processing(model)`` tells what
-        processing was applied.
+        processing was applied. Checkpoints trained with a tl_sinks attention variant
+        (``"tl_sinks_attention"`` in ``config.json``: head-wise RMSNorm, gated attention, sink
+        logit, softmax-off-by-one) are rebuilt with that variant before TransformerLens wraps them.
 
     Raises:
         ModelNotAvailableError: The model cannot be found locally and cannot be downloaded.
@@ -166,7 +198,14 @@ def load_model(
     if revision is not None and source == "hub":
         kwargs["revision"] = revision
     kwargs.update(boot_kwargs)
+    variant = _variant(source_path)
+    if variant not in (None, "softmax"):
+        kwargs["hf_model"] = _load_variant(source_path, dtype)
     model = TransformerBridge.boot_transformers(source_path, **kwargs)
+    if variant == "gated":
+        # The Llama bridge applies a q_proj gate when its config says so (Qwen3-Next's path).
+        for cfg in {id(c): c for c in [model.cfg] + [b.attn.config for b in model.blocks]}.values():
+            cfg.gated_q_proj = True
     tl = processing == "tl"
     if tl:
         model.enable_compatibility_mode(disable_warnings=True)

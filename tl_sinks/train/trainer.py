@@ -43,7 +43,8 @@ class TrainConfig:
         d_model, n_layers, n_heads, n_kv_heads, d_mlp: Model shape (Llama; ``n_kv_heads`` for GQA).
         vocab_size: Byte-level BPE vocabulary trained on the corpus.
         seq_len: Tokens per training sequence, BOS included.
-        attention: Attention variant; ``"softmax"`` (baseline).
+        attention: Attention variant (:data:`tl_sinks.train.modeling.VARIANTS`): ``"softmax"``
+            (baseline), ``"headnorm"``, ``"gated"``, ``"sink_logit"``, ``"softmax1"``.
         tie_embeddings: Share the embedding and unembedding matrices.
         steps, batch_size, lr, min_lr_ratio, warmup, weight_decay, beta1, beta2, grad_clip:
             Optimisation.
@@ -84,10 +85,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.packages = tuple(self.packages)
-        if self.attention != "softmax":
-            raise NotImplementedError(
-                f"attention variant {self.attention!r} is not implemented yet; only 'softmax' is"
-            )
+        from tl_sinks.train.modeling import VARIANTS
+
+        if self.attention not in VARIANTS:
+            raise ValueError(f"unknown attention variant {self.attention!r}; choose from {VARIANTS}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
@@ -196,7 +197,9 @@ def sample_batch(ids: np.ndarray, batch_size: int, seq_len: int, bos_id: int, ge
 
 # --------------------------------------------------------------------------- model
 def build_model(cfg: TrainConfig, tokenizer: Any) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
+
+    from tl_sinks.train.modeling import build_variant, init_headnorm_from_first_token
 
     hf_cfg = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -213,7 +216,10 @@ def build_model(cfg: TrainConfig, tokenizer: Any) -> torch.nn.Module:
         attn_implementation="sdpa",
     )
     torch.manual_seed(cfg.seed)
-    return LlamaForCausalLM(hf_cfg).to(dtype=getattr(torch, cfg.dtype))
+    model = build_variant(hf_cfg, cfg.attention)
+    if cfg.attention == "headnorm":
+        init_headnorm_from_first_token(model, seed=cfg.seed)
+    return model.to(dtype=getattr(torch, cfg.dtype))
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
