@@ -46,13 +46,17 @@ POS_CLASSES = ("first", "rest")
 
 
 # --------------------------------------------------------------------------- kernels
-def token_disparity(x: Float[Tensor, "batch pos d_model"], k: int = 3, *, median: bool = True) -> dict[str, Tensor]:
+def token_disparity(
+    x: Float[Tensor, "batch pos d_model"], k: int = 3, *, median: bool = True, max_over: Tensor | None = None
+) -> dict[str, Tensor]:
     """Per-token magnitude statistics over ``d_model`` (pure kernel).
 
     Returns:
         ``top_values`` and ``top_dims`` ``[batch, pos, k]`` (largest ``|x|`` first),
         ``median`` ``[batch, pos]`` (lower median of ``|x|``; skipped when ``median=False``),
         ``rest_mean`` ``[batch, pos]`` (mean ``|x|`` of every dim but the largest), and ``abs_sum``.
+        With ``max_over`` (a ``[batch, pos]`` bool mask), also ``masked_max`` ``[d_model]``: the
+        largest ``|x|`` of each dim over the selected tokens.
 
     Example:
         >>> s = token_disparity(torch.tensor([[[0.5, -200.0, 1.0, 0.1]]]), k=1)
@@ -62,6 +66,9 @@ def token_disparity(x: Float[Tensor, "batch pos d_model"], k: int = 3, *, median
     a = x.float().abs()
     top_values, top_dims = a.topk(min(k, a.shape[-1]), dim=-1)
     med = a.median(-1).values if median else None
+    masked_max = None
+    if max_over is not None:
+        masked_max = (a * max_over[..., None].to(a.dtype)).amax((0, 1))
     d = a.shape[-1]
     # Zero the top dim and sum, rather than subtract it from the total: with a 1000x outlier the
     # subtraction would cancel away most of the other dims' fp32 precision. ``a`` is our copy.
@@ -74,6 +81,8 @@ def token_disparity(x: Float[Tensor, "batch pos d_model"], k: int = 3, *, median
     }
     if med is not None:
         out["median"] = med
+    if masked_max is not None:
+        out["masked_max"] = masked_max
     return out
 
 
@@ -330,7 +339,7 @@ class DisparityAccumulator:
         is_first[:, 0] = True
 
         def resid_hook(x: Tensor, hook: Any, layer: int) -> None:
-            s = token_disparity(x, self.k)
+            s = token_disparity(x, self.k, max_over=rest)
             guard.watch(hook.name, s["abs_sum"] * validf)
             top1, med = s["top_values"][..., 0], s["median"]
             tiny = torch.finfo(torch.float32).tiny
@@ -352,18 +361,20 @@ class DisparityAccumulator:
                 mm = (massive & cls_mask[..., None]).reshape(-1).float()
                 self.massive_counts[layer, c].scatter_add_(0, all_dims, mm)
                 self.massive_sum[layer, c].scatter_add_(0, all_dims, mm * s["top_values"].reshape(-1))
-            xf = x.float()
-            self.first_abs[layer] += xf[:, 0].abs().sum(0)
-            self.first_signed[layer] += xf[:, 0].sum(0)
-            if P > 1:
-                rest_abs = torch.where(rest[..., None], xf.abs(), 0.0)
-                self.rest_max[layer] = torch.maximum(self.rest_max[layer], rest_abs[:, 1:].amax((0, 1)))
+            x0 = x[:, 0].float()
+            self.first_abs[layer] += x0.abs().sum(0)
+            self.first_signed[layer] += x0.sum(0)
+            self.rest_max[layer] = torch.maximum(self.rest_max[layer], s["masked_max"])
             self.massive_tok.scatter_add_(0, batch.tokens.reshape(-1), (massive.any(-1) & rest).reshape(-1).float())
 
         def attn_in_hook(x: Tensor, hook: Any, layer: int) -> None:
-            s = token_disparity(x, 1, median=False)
+            # Normalised input (every dim O(1)): total minus max keeps fp32 precision here, and
+            # skips the top-k and scatter of the residual path.
+            a = x.float().abs()
+            top = a.amax(-1)
+            rest_mean = (a.sum(-1) - top) / max(a.shape[-1] - 1, 1)
             tiny = torch.finfo(torch.float32).tiny
-            self.per_pos["attn_in_paper"][layer, :P] += (s["top_values"][..., 0] / s["rest_mean"].clamp_min(tiny) * validf).sum(0)
+            self.per_pos["attn_in_paper"][layer, :P] += (top / rest_mean.clamp_min(tiny) * validf).sum(0)
 
         def component_hook(x: Tensor, hook: Any, index: int) -> None:
             self.components[index] += x[:, 0].float().sum(0)

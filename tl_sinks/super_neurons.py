@@ -241,11 +241,14 @@ class SuperNeuronAccumulator:
             setattr(self, name, getattr(self, name).to(device))
         B, P = batch.tokens.shape
         valid = batch.valid
+        padded = batch.is_padded  # one host sync per batch, not per hook
         flat_tokens = batch.tokens.reshape(-1)
 
         def hook(post: Tensor, hook: Any, layer: int) -> None:
             a = post.float()
-            absval = torch.where(valid[..., None], a.abs(), 0.0)  # padded positions never count
+            absval = a.abs()  # a new tensor: masking it in place leaves the model's activation alone
+            if padded:
+                absval.mul_(valid[..., None])  # padded positions never count
             guard.watch(hook.name, absval.sum((0, 1)))
             self.all_sum[layer] += absval.sum((0, 1))
             self.first_sum[layer] += absval[:, 0].sum(0)
