@@ -42,10 +42,10 @@ def small_config(variant: str, seed: int, steps: int, device: str, threads: int 
 def step_time(variant: str, device: str, threads: int | None, n: int = 20) -> float:
     """Median seconds per optimiser step of the small model (after warm-up)."""
     import torch
-
-    from tl_sinks.train.trainer import _optimizer
-    from tl_sinks.train.modeling import build_variant
     from transformers import LlamaConfig
+
+    from tl_sinks.train.modeling import build_variant
+    from tl_sinks.train.trainer import _optimizer
 
     if threads:
         torch.set_num_threads(threads)
@@ -72,9 +72,10 @@ def step_time(variant: str, device: str, threads: int | None, n: int = 20) -> fl
 
 
 def measure(model_dir: Path, data_dir: Path, cfg) -> dict:
+    import torch
+
     import tl_sinks
     from tl_sinks.train.trainer import prepare_data, sample_batch
-    import torch
 
     data = prepare_data(cfg, data_dir, progress=False)
     model = tl_sinks.load_model(model_dir, device="cpu")

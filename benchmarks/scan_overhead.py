@@ -86,9 +86,9 @@ def worker(args: argparse.Namespace) -> dict:
 
     names = None
     if args.variant == "run_with_cache":
-        from tl_sinks.scan import STAGES  # noqa: F401 - same stages as scan
         from tl_sinks.aggregation import AggregationAccumulator
         from tl_sinks.disparity import DisparityAccumulator
+        from tl_sinks.scan import STAGES  # noqa: F401 - same stages as scan
         from tl_sinks.sinks import SinkAccumulator
         from tl_sinks.super_neurons import SuperNeuronAccumulator
 

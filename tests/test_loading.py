@@ -10,8 +10,8 @@ from transformer_lens import TransformerBridge
 from transformers import AutoModelForCausalLM
 
 import tl_sinks
-from tl_sinks import loading
 from tests.conftest import random_prompts
+from tl_sinks import loading
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import tl_sinks
 from tests.conftest import random_prompts
-from tests.helpers import lower_median, llama_reference
+from tests.helpers import llama_reference, lower_median
 
 LENGTHS = [12, 7, 9, 12, 3]
 EPS = 0.3

@@ -22,7 +22,6 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-
 R = TypeVar("R", bound="SinkResult")
 
 

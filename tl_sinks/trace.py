@@ -19,7 +19,6 @@ batch per condition.
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -143,7 +142,7 @@ class ChainTrace:
     def report(self) -> str:
         lines = [f"causal-chain trace of {self.meta.get('model_name')} ({self.meta.get('n_prompts')} prompts)"]
         if self.neurons:
-            lines.append(f"ablating super neurons {', '.join(f'L{l}N{n}' for l, n in self.neurons)} at position 0 (mean):")
+            lines.append(f"ablating super neurons {', '.join(f'L{layer}N{n}' for layer, n in self.neurons)} at position 0 (mean):")
             for r in self.links.itertuples():
                 lines.append(f"  {r.link:<28} {r.metric:<44} {r.baseline:10.4g} -> {r.intervened:10.4g} ({r.relative:+.0%})")
         else:
