@@ -13,6 +13,8 @@ on the right and the mask says which positions are real, so all inputs are norma
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,13 +84,15 @@ class TokenBatch:
     lengths: Tensor
     prompt_index: Tensor
 
-    @property
+    # Cached: every stage's hooks read these once per batch (``is_padded`` syncs the host).
+    @functools.cached_property
     def valid(self) -> Tensor:
         """``[batch, pos]`` bool mask of real tokens."""
         return self.attention_mask.bool()
 
-    @property
+    @functools.cached_property
     def is_padded(self) -> bool:
+        """Whether any row is shorter than the batch (one host sync, cached)."""
         return bool((self.lengths < self.tokens.shape[1]).any())
 
     def to(self, device: torch.device | str) -> "TokenBatch":

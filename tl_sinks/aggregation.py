@@ -51,9 +51,9 @@ def head_output_spread(
         >>> [t.item() for t in head_output_spread(z)]
         [1.0, 1.0]
     """
-    zf = z.float()
-    var = zf.var(-1, unbiased=False)
-    rms = zf.pow(2).mean(-1).sqrt()
+    var, mean = torch.var_mean(z.float(), -1, unbiased=False)
+    # mean(z^2) = var + mean^2: a sum of non-negative terms, so no cancellation.
+    rms = (var + mean.square()).sqrt()
     return var, rms
 
 
@@ -166,16 +166,24 @@ class AggregationAccumulator:
         self.var_all_sum = grow(self.var_all_sum, P, 1)
         self.n = grow(self.n, P, 0)
         valid = batch.valid.float()  # [B, P]
+        padded = batch.is_padded
 
         def hook(z: Tensor, hook: Any, layer: int) -> None:
             z = as_head_vector(z, self.info.n_heads)
-            var, rms = head_output_spread(z)  # [B, P, H]
+            zf = z.float()
+            var, mean = torch.var_mean(zf, -1, unbiased=False)  # [B, P, H]
             guard.watch(hook.name, var)
+            rms = (var + mean.square()).sqrt()
             self.var_sum[layer, :, :P] += torch.einsum("bph,bp->hp", var, valid)
             self.rms_sum[layer, :, :P] += torch.einsum("bph,bp->hp", rms, valid)
-            var_all = z.float().flatten(2).var(-1, unbiased=False)
+            # Variance over all heads' dims from the per-head moments (law of total variance:
+            # mean within-head variance + variance of the head means; no second pass over z).
+            var_all = var.mean(-1) + mean.var(-1, unbiased=False)
             self.var_all_sum[layer, :P] += (var_all * valid).sum(0)
-            self.z_sum[layer] += torch.einsum("bphd,bp->hd", z.float(), valid)
+            if padded:
+                self.z_sum[layer] += torch.einsum("bphd,bp->hd", zf, valid)
+            else:
+                self.z_sum[layer] += zf.sum((0, 1))
 
         return [(n, bind_index(hook, layer)) for layer, n in enumerate(self.hook_names())]
 

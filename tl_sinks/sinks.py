@@ -56,6 +56,7 @@ def attention_received(
     *,
     causal: bool = True,
     exclude_self: bool = False,
+    padded: bool | None = None,
 ) -> tuple[Float[Tensor, "batch head_index key_pos"], Int[Tensor, "batch key_pos"]]:
     """Mean attention each key receives from the queries that can see it (pure kernel).
 
@@ -64,6 +65,8 @@ def attention_received(
         lengths: Real tokens per row.
         causal: Causal mask (queries ``q >= k`` see key ``k``) or bidirectional (all queries).
         exclude_self: Drop the diagonal ``q == k`` from the average.
+        padded: Whether any row is shorter than ``pos`` (``None``: work it out, which syncs
+            the host; accumulators pass their batch's cached flag).
 
     Returns:
         ``(alpha, counts)``: ``alpha[b, h, k]`` the mean over counted queries (0 where none
@@ -79,7 +82,13 @@ def attention_received(
     pos = torch.arange(n_key, device=pattern.device)
     valid = pos[None, :] < lengths[:, None]
     p = pattern.float()
-    received = torch.einsum("bhqk,bq->bhk", p, valid.float())
+    if padded is None:
+        padded = bool((lengths < pattern.shape[-2]).any())
+    if not padded:
+        received = p.sum(-2)  # no padded queries: a plain reduction is ~10x faster than the einsum
+    else:
+        # Padded queries hold garbage rows: weight them out (a [b, 1, q] x [b, h, q, k] matmul).
+        received = (valid[:, None, None, :].to(p.dtype) @ p)[..., 0, :]
     if causal:
         counts = (lengths[:, None] - pos[None, :]).clamp_min(0)
     else:
@@ -287,9 +296,11 @@ class SinkAccumulator:
             "alpha_heads": torch.zeros(B, P, device=device),
         }
 
+        padded = batch.is_padded
+
         def hook(pattern: Tensor, hook: Any, layer: int) -> None:
             alpha, counts = attention_received(
-                pattern, batch.lengths, causal=self.info.causal, exclude_self=self.exclude_self
+                pattern, batch.lengths, causal=self.info.causal, exclude_self=self.exclude_self, padded=padded
             )
             guard.watch(hook.name, alpha)
             counted = (counts > 0).float()  # [B, P]
