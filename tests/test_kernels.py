@@ -46,9 +46,13 @@ def brute_received(pattern, lengths, causal, exclude_self):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("exclude_self", [False, True])
-def test_attention_received_matches_brute_force(causal, exclude_self):
-    lengths = [6, 3, 1, 5]
+@pytest.mark.parametrize("lengths", [[6, 3, 1, 5], [5, 5, 5]], ids=["padded", "unpadded"])
+def test_attention_received_matches_brute_force(causal, exclude_self, lengths):
     pattern = random_pattern(lengths, 3, causal=causal, seed=1)
+    # Padded query rows hold garbage in real models' patterns: it must never count.
+    P = max(lengths)
+    for b, n in enumerate(lengths):
+        pattern[b, :, n:, :] = torch.rand(3, P - n, P) * 7
     alpha, counts = attention_received(pattern, torch.tensor(lengths), causal=causal, exclude_self=exclude_self)
     ref_alpha, ref_counts = brute_received(pattern, lengths, causal, exclude_self)
     assert torch.equal(counts, ref_counts)
@@ -146,3 +150,15 @@ def test_token_disparity_brute_force():
             assert float(s["rest_mean"][b, p]) == pytest.approx(sum(v for v, _ in a[:-1]) / 9, rel=1e-5)
     assert bool(is_massive(s["top_values"][0, 0, 0], s["median"][0, 0]))
     assert not bool(is_massive(s["top_values"][1, 1, 0], s["median"][1, 1]))
+
+
+@pytest.mark.parametrize("d", [1, 2, 7, 64, 385])
+def test_lower_median_matches_sorting(d):
+    from tl_sinks.disparity import lower_median
+
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(3, 5, d, generator=g).abs()
+    x[0, 0] = 1.0  # all ties
+    ref = x.sort(-1).values[..., (d - 1) // 2]
+    assert torch.equal(lower_median(x), ref)
+    assert torch.equal(lower_median(x.double()), ref.double())
