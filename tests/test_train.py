@@ -103,3 +103,19 @@ def test_corpus_is_deterministic_and_split_by_hash():
     assert a.documents == b.documents and a.manifest["sha256"] == b.manifest["sha256"]
     train_docs, val_docs = a.split(0.2)
     assert sorted(train_docs + val_docs) == sorted(a.documents) and 0 < len(val_docs) < 40
+
+
+def test_bf16_autocast_trains_deterministically_and_differs_from_fp32(run_dir, tmp_path):
+    cfg = TrainConfig(**TINY | {"autocast": "bfloat16"})
+    a = train(cfg, tmp_path / "a", progress=False)
+    b = train(cfg, tmp_path / "b", progress=False)
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # seeded: same run, same weights
+    assert all(v.dtype == torch.float32 for v in wa.values())  # master weights stay fp32
+    ref = load_file(str(run_dir / "model" / "model.safetensors"))
+    # The same seed in fp32 gives different weights: the forward really ran in bf16.
+    assert any(not torch.equal(wa[k], ref[k]) for k in wa)
+    log = json.loads((tmp_path / "a" / "log.json").read_text())
+    assert log["config"]["autocast"] == "bfloat16" and all(map(torch.isfinite, torch.tensor([v for _, v in log["train"]])))
+    with pytest.raises(ValueError, match="autocast"):
+        TrainConfig(**TINY | {"autocast": "int8"})

@@ -50,6 +50,9 @@ class TrainConfig:
             Optimisation.
         packages, max_documents, val_fraction: Corpus (see :func:`build_corpus`).
         seed, device, dtype, num_threads: Run settings (``dtype`` of the parameters).
+        autocast: Mixed precision for the forward and backward passes (``"bfloat16"``; the
+            parameters and optimiser stay in ``dtype``). About 2x faster on CPUs with bf16
+            matrix units and on GPUs; ``None`` computes in ``dtype``.
         eval_every, eval_batches, checkpoint_every: Validation and checkpoint cadence (steps).
     """
 
@@ -78,6 +81,7 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "float32"
     num_threads: int | None = None
+    autocast: str | None = None
     eval_every: int = 250
     eval_batches: int = 8
     checkpoint_every: int = 500
@@ -93,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.autocast not in (None, "bfloat16", "float16"):
+            raise ValueError(f"autocast must be None, 'bfloat16' or 'float16', got {self.autocast!r}")
         if self.seq_len < 2 or self.steps < 1 or self.batch_size < 1:
             raise ValueError("seq_len >= 2, steps >= 1 and batch_size >= 1 are required")
 
@@ -239,6 +245,13 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     )
 
 
+def _autocast(cfg: TrainConfig) -> Any:
+    """The mixed-precision context of the run (a no-op without ``cfg.autocast``)."""
+    device_type = torch.device(cfg.device).type
+    dtype = getattr(torch, cfg.autocast) if cfg.autocast else torch.float32
+    return torch.autocast(device_type=device_type, dtype=dtype, enabled=cfg.autocast is not None)
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, ids: np.ndarray, cfg: TrainConfig, bos_id: int) -> float:
     """Mean next-token loss on ``eval_batches`` fixed validation windows (seeded, identical every call)."""
@@ -248,7 +261,8 @@ def evaluate(model: torch.nn.Module, ids: np.ndarray, cfg: TrainConfig, bos_id: 
     losses = []
     for _ in range(cfg.eval_batches):
         x = sample_batch(ids, cfg.batch_size, cfg.seq_len, bos_id, gen).to(cfg.device)
-        losses.append(float(model(x, labels=x).loss))
+        with _autocast(cfg):
+            losses.append(float(model(x, labels=x).loss))
     model.train(was_training)
     return float(np.mean(losses))
 
@@ -303,7 +317,8 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step)
             x = sample_batch(data["train"], cfg.batch_size, cfg.seq_len, bos_id, gen).to(cfg.device)
-            loss = model(x, labels=x).loss
+            with _autocast(cfg):
+                loss = model(x, labels=x).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {float(loss)} at step {step}; lower the learning rate")
             opt.zero_grad(set_to_none=True)
