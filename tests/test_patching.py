@@ -124,3 +124,81 @@ def test_patching_errors(tiny_llama, pair):
         patch_sweep(tiny_llama, corrupted, clean[:, :5], metric, site="resid_pre")
     with pytest.raises(ValueError, match="out of range"):
         patch_sweep(tiny_llama, corrupted, clean, metric, site="resid_pre", index=pd.DataFrame({"layer": [5], "pos": [0]}))
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "z", "k", "post"])
+def test_prefix_reuse_equals_full_forward_passes(tiny_llama, pair, site):
+    clean, corrupted, _, metric = pair
+    fast = patch_sweep(tiny_llama, corrupted, clean, metric, site=site, patches_per_forward=4)
+    full = patch_sweep(tiny_llama, corrupted, clean, metric, site=site, patches_per_forward=4, reuse_prefix=False)
+    assert fast.meta["prefix_reuse"] is True and full.meta["prefix_reuse"] is False
+    torch.testing.assert_close(fast.values, full.values, rtol=1e-4, atol=1e-5)
+    # Patches before the changed token (position 3) restore nothing: exactly the corrupted metric
+    # up to float rounding, whichever path computed them.
+    torch.testing.assert_close(fast.values[:, :3].reshape(-1, 3), fast.corrupted.expand(fast.values[:, :3].reshape(-1, 3).shape[0], -1), rtol=1e-4, atol=1e-5)
+
+
+def test_prefix_reuse_is_refused_where_it_would_be_wrong(tiny_llama, pair):
+    clean, corrupted, _, _ = pair
+    metric = attention_to_metric(0)
+    r = patch_sweep(tiny_llama, corrupted, clean, metric, site="resid_pre", metric_site="blocks.1.attn.hook_pattern")
+    assert r.meta["prefix_reuse"] is False and "hook activation" in r.meta["prefix_reuse_unavailable"]
+    with pytest.raises(ValueError, match="reuse_prefix=True is not possible"):
+        patch_sweep(tiny_llama, corrupted, clean, metric, site="resid_pre", metric_site="blocks.1.attn.hook_pattern", reuse_prefix=True)
+    with pytest.raises(ValueError, match="every position at once"):
+        patch_sweep(tiny_llama, corrupted, clean, logit_diff_metric(torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])),
+                    site="z", all_pos=True, reuse_prefix=True)
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "mlp_out", "v"])
+def test_layer_skipping_equals_full_forward_passes(tiny_llama, pair, site):
+    clean, corrupted, _, metric = pair
+    fast = patch_sweep(tiny_llama, corrupted, clean, metric, site=site)
+    slow = patch_sweep(tiny_llama, corrupted, clean, metric, site=site, skip_layers=False, reuse_prefix=False)
+    assert fast.meta["layer_skip"] is True and fast.meta["block_rows_skipped"] > 0
+    assert slow.meta["layer_skip"] is False and slow.meta["block_rows_skipped"] == 0
+    torch.testing.assert_close(fast.values, slow.values, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_skipping_with_a_metric_site(tiny_llama, pair):
+    clean, corrupted, _, _ = pair
+    kw = dict(site="resid_pre", metric_site="blocks.1.attn.hook_pattern")
+    fast = patch_sweep(tiny_llama, corrupted, clean, attention_to_metric(0), **kw)
+    slow = patch_sweep(tiny_llama, corrupted, clean, attention_to_metric(0), skip_layers=False, **kw)
+    torch.testing.assert_close(fast.values, slow.values, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_name", ["tiny_gpt2", "tiny_bert"])
+def test_other_architectures_match_transformer_lens(request, model_name):
+    model = request.getfixturevalue(model_name)
+    g = torch.Generator().manual_seed(3)
+    clean = torch.randint(5, model.cfg.d_vocab, (2, 6), generator=g)
+    clean[:, 0] = 1
+    corrupted = clean.clone()
+    corrupted[:, 2] = 4
+    metric = logit_diff_metric(torch.tensor([7, 8]), torch.tensor([9, 10]), pos=-1)
+    _, cache = model.run_with_cache(clean)
+    ours = patch_sweep(model, corrupted, clean, metric, site="resid_pre", patches_per_forward=4)
+    ref = _tl(tlp.get_act_patch_resid_pre, model, corrupted, cache, metric)
+    torch.testing.assert_close(ours.values, ref.float().cpu(), rtol=1e-4, atol=1e-5)
+    assert ours.meta["prefix_reuse"] is (model_name == "tiny_gpt2")  # BERT is bidirectional
+    # Skipping blocks does not reproduce BERT's forward (its self-check refuses it); GPT-2's does.
+    assert ours.meta["layer_skip"] is (model_name == "tiny_gpt2")
+
+
+def test_blocks_are_restored_when_the_metric_raises(tiny_llama, pair):
+    clean, corrupted, _, _ = pair
+    blocks = list(tiny_llama.blocks)
+    n_hooks = sum(len(hp.fwd_hooks) for hp in set(tiny_llama.hook_dict.values()))
+    calls = []
+
+    def bad_metric(logits):
+        calls.append(1)
+        if len(calls) > 3:  # fail inside the sweep, after the clean and corrupted runs
+            raise RuntimeError("boom")
+        return logits[:, -1, 0]
+
+    with pytest.raises(RuntimeError, match="boom"):
+        patch_sweep(tiny_llama, corrupted, clean, bad_metric, site="resid_pre", patches_per_forward=2)
+    assert all(a is b for a, b in zip(tiny_llama.blocks, blocks)) and len(tiny_llama.blocks) == len(blocks)
+    assert sum(len(hp.fwd_hooks) for hp in set(tiny_llama.hook_dict.values())) == n_hooks

@@ -1,9 +1,11 @@
 """Command line.
 
-* ``tl-sinks scan --model NAME_OR_PATH [--prompts FILE] [--json OUT]``: print the scan report;
+* ``tl-sinks scan [--model NAME_OR_PATH] [--prompts FILE] [--json OUT]``: print the scan report;
   ``--json`` also writes the headline findings and provenance.
-* ``tl-sinks report --model NAME_OR_PATH [--prompts FILE] [--out report.html]``: write one
+* ``tl-sinks report [--model NAME_OR_PATH] [--prompts FILE] [--out report.html]``: write one
   self-contained HTML report that renders offline.
+
+Without ``--model`` both analyse the embedded default model (offline) on the built-in prompts.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tl-sinks", description="Measure why attention sinks form (tl_sinks).")
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("scan", help="scan a model for every stage of the attention-sink causal chain")
-    s.add_argument("--model", required=True, help="local Hugging Face model directory, hub name, or 'minilm'")
+    s.add_argument("--model", default="default", help="local Hugging Face model directory, hub name, 'minilm', or 'default' "
+                   "(tl_sinks' own trained decoder, shipped in the package; the default)")
     s.add_argument("--prompts", help="text file, one prompt per line (default: tl_sinks' built-in prompts)")
     s.add_argument("--json", dest="json_out", help="also write the findings as JSON to this path")
     s.add_argument("--batch-size", type=int, default=8)
@@ -54,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-require-bos", action="store_true", help="analyse position 0 even if it is not BOS")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     r = sub.add_parser("report", help="write one self-contained HTML report (renders offline)")
-    r.add_argument("--model", required=True, help="local Hugging Face model directory, hub name, or 'minilm'")
+    r.add_argument("--model", default="default", help="local Hugging Face model directory, hub name, 'minilm', or 'default' "
+                   "(tl_sinks' own trained decoder, shipped in the package; the default)")
     r.add_argument("--prompts", help="text file, one prompt per line (default: tl_sinks' built-in prompts)")
     r.add_argument("--out", default="tl_sinks_report.html", help="output HTML path (default: %(default)s)")
     r.add_argument("--no-trace", action="store_true", help="skip the intervention trace (faster)")

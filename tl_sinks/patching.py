@@ -35,8 +35,12 @@ The metric is per prompt: ``metric(logits [batch, pos, d_vocab]) -> [batch]``, n
 
 from __future__ import annotations
 
+import copy
 import itertools
-from collections.abc import Callable, Sequence
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,6 +155,18 @@ def _get_clean(model: ModelLike, clean: Any, names: list[str], attention_mask: T
         raise ValueError(f"the clean cache lacks {e.args[0]}; cache it, or pass the clean tokens instead") from e
 
 
+def _prefix_reuse_possible(info: Any, has_pos: bool, mask: Tensor | None, metric_site: str | None) -> tuple[bool, str]:
+    if not info.causal:
+        return False, "the model is bidirectional: a patch changes every position"
+    if not has_pos:
+        return False, "the site is patched at every position at once"
+    if mask is not None and not bool(mask.bool().all()):
+        return False, "the inputs are padded"
+    if metric_site is not None:
+        return False, "the metric reads a hook activation, not the logits"
+    return True, ""
+
+
 def patch_sweep(
     model: ModelLike,
     corrupted_tokens: Tensor,
@@ -164,6 +180,8 @@ def patch_sweep(
     metric_site: str | None = None,
     attention_mask: Tensor | None = None,
     progress: bool = False,
+    reuse_prefix: bool | None = None,
+    skip_layers: bool | None = None,
 ) -> PatchingResult:
     """Patch clean activations into a corrupted run, many patches per forward pass.
 
@@ -181,6 +199,18 @@ def patch_sweep(
         metric_site: Hook whose activation the metric reads instead of the logits.
         attention_mask: Padding mask shared by the clean and corrupted inputs.
         progress: Show a progress bar.
+        reuse_prefix: Under a causal mask a patch at position ``p`` leaves positions ``< p``
+            as in the corrupted run, so each forward pass can start at its first patched
+            position from the corrupted run's cached keys and values (about half the compute
+            of a position sweep). ``None`` (default) does so when possible: a causal model,
+            no padding mask, a logits metric and a per-position site; ``False`` always runs
+            full forward passes. The numbers agree to float rounding.
+        skip_layers: Blocks before a patch's layer compute what the corrupted run computed, so a
+            forward pass can start at the first patched block from the corrupted residual
+            (``start_at_layer``), with the earlier blocks swapped for identities meanwhile (and
+            put back on exit). ``None`` (default) does so when the model's block list is found
+            and its blocks return plain tensors; ``False`` never does. Exact up to float
+            rounding.
 
     Returns:
         :class:`PatchingResult` with ``values [*axes, batch]``.
@@ -220,33 +250,62 @@ def patch_sweep(
     mask = None if attention_mask is None else attention_mask.to(device)
     clean_acts = _get_clean(model, clean.to(device) if isinstance(clean, Tensor) else clean, names, mask)
     k_max = patches_per_forward or max(1, 64 // B)
+    has_pos = "pos" in axes
+    prefix_ok, why_not = _prefix_reuse_possible(info, has_pos, mask, metric_site)
+    if reuse_prefix and not prefix_ok:
+        raise ValueError(f"reuse_prefix=True is not possible here: {why_not}")
+    use_prefix = prefix_ok if reuse_prefix is None else bool(reuse_prefix)
+    skipper = _BlockSkipper.for_model(model) if skip_layers is not False else None
+    if skip_layers and skipper is None:
+        raise ValueError("skip_layers=True is not possible here: the model's block list was not found or its blocks do not return a plain tensor")
+    # Blocks before a chunk's first patched layer (and before the metric's hook) are skipped.
+    metric_layer = _layer_of(metric_site, info.n_layers)
 
-    def run(tokens: Tensor, hooks: list, n_copies: int) -> Tensor:
-        seen: dict[str, Tensor] = {}
-        if metric_site is not None:
-            hooks = hooks + [(metric_site, lambda t, hook: seen.__setitem__("x", t))]
-        kwargs = {} if mask is None else {"attention_mask": mask.repeat(n_copies, 1)}
-        with torch.no_grad(), hooked(model, hooks):
-            logits = model(tokens, **kwargs)
-        x = seen["x"] if metric_site is not None else logits
+    # Copies are interleaved by prompt (row b * K + k is copy k of prompt b), the layout of
+    # Hugging Face's ``batch_repeat_interleave`` for the reused prefix cache.
+    def per_copy(x: Tensor, K: int) -> Tensor:
         out = []
-        for k in range(n_copies):
-            v = torch.as_tensor(metric(x[k * B : (k + 1) * B]))
+        for k in range(K):
+            v = torch.as_tensor(metric(x[k::K]))
             if v.shape != (B,):
                 raise ValueError(f"metric must return a [batch] tensor of length {B}, got shape {tuple(v.shape)}")
             out.append(v.float())
         return torch.stack(out)
 
-    clean_value = run(clean.to(device), [], 1)[0] if isinstance(clean, Tensor) else torch.full((B,), float("nan"))
-    corrupted_value = run(corrupted_tokens, [], 1)[0]
+    def run(inp: Tensor, hooks: list, K: int, **kwargs: Any) -> Tensor:
+        seen: dict[str, Tensor] = {}
+        if metric_site is not None:
+            hooks = hooks + [(metric_site, lambda t, hook: seen.__setitem__("x", t))]
+        if mask is not None:
+            kwargs["attention_mask"] = mask.repeat_interleave(K, 0)
+        with torch.no_grad(), hooked(model, hooks):
+            out = model(inp, **kwargs)
+        return seen["x"] if metric_site is not None else out
+
+    clean_value = per_copy(run(clean.to(device), [], 1), 1)[0] if isinstance(clean, Tensor) else torch.full((B,), float("nan"))
     rows = torch.tensor(index.to_numpy(copy=True), dtype=torch.long)
+    # The corrupted run: its output and, for skipping, the residual entering every block.
+    resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(1, info.n_layers)] if skipper is not None else []
+    overhead = forward_overhead(model)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        corrupted_out, corrupted_cache = _run_and_cache(model, run, corrupted_tokens, resid_names)
+    per_row = max(time.perf_counter() - t0 - overhead, 0.0) / (B * P * info.n_layers)
+    plan = _best_plan(
+        rows, k_max, by_pos=use_prefix, n_pos=P, n_layers=info.n_layers, batch=B, skip=skipper is not None,
+        metric_layer=metric_layer, overhead=overhead, per_row=per_row,
+    )
+    corrupted_value = per_copy(corrupted_out, 1)[0]
+    prefix_caches: dict[int, Any] = {}
     results = torch.empty(len(rows), B)
     extra = SITES[site][1]
     ar_b = torch.arange(B, device=device)
-    chunks = range(0, len(rows), k_max)
-    for start in tqdm(chunks, disable=not progress, desc=f"patching {site}", unit="forward"):
-        chunk = rows[start : start + k_max]
+    n_skipped = 0
+    for chunk_ids in tqdm(plan, disable=not progress, desc=f"patching {site}", unit="forward"):
+        chunk = rows[chunk_ids]
         K = len(chunk)
+        p0 = int(chunk[:, 1].min()) if use_prefix else 0
+        s0 = min(int(chunk[:, 0].min()), metric_layer) if skipper is not None else 0
         hooks = []
         for layer in sorted(set(chunk[:, 0].tolist())):
             sel = torch.nonzero(chunk[:, 0] == layer).flatten()
@@ -254,26 +313,42 @@ def patch_sweep(
             cols = chunk[sel].to(device)
             clean_act = clean_acts[template.format(l=layer)]
 
-            def hook(act: Tensor, hook: Any, copies: Tensor = copies, cols: Tensor = cols, clean_act: Tensor = clean_act) -> Tensor:
+            def hook(act: Tensor, hook: Any, copies: Tensor = copies, cols: Tensor = cols, clean_act: Tensor = clean_act, K: int = K, p0: int = p0) -> Tensor:
                 act = act.clone()
-                b = (copies[:, None] * B + ar_b[None, :])  # [n, B] rows of the patched copies
+                b = ar_b[None, :] * K + copies[:, None]  # [n, B] rows of the patched copies
                 if all_pos:
                     if extra is None:
-                        act[b] = clean_act[None].expand(len(copies), *clean_act.shape).to(act.dtype)
+                        act[b] = clean_act[ar_b[None, :]].expand(len(copies), -1, *clean_act.shape[1:]).to(act.dtype)
                     else:
                         h = cols[:, 1][:, None].expand_as(b)
                         act[b, :, h] = clean_act[ar_b[None, :], :, h].to(act.dtype)
                 else:
                     pos = cols[:, 1][:, None].expand_as(b)
                     if extra is None:
-                        act[b, pos] = clean_act[ar_b[None, :], pos].to(act.dtype)
+                        act[b, pos - p0] = clean_act[ar_b[None, :], pos].to(act.dtype)
                     else:
                         h = cols[:, 2][:, None].expand_as(b)
-                        act[b, pos, h] = clean_act[ar_b[None, :], pos, h].to(act.dtype)
+                        act[b, pos - p0, h] = clean_act[ar_b[None, :], pos, h].to(act.dtype)
                 return act
 
             hooks.append((template.format(l=layer), hook))
-        results[start : start + K] = run(corrupted_tokens.repeat(K, 1), hooks, K).cpu()
+        kwargs: dict[str, Any] = {}
+        if p0 > 0:
+            if p0 not in prefix_caches:
+                # Keys and values of the unpatched prefix, computed once per start position.
+                with torch.no_grad():
+                    _, prefix_caches[p0] = model(corrupted_tokens[:, :p0], return_type="logits_and_cache")
+            kwargs["past_key_values"] = copy.deepcopy(prefix_caches[p0])  # the forward extends it
+            kwargs["past_key_values"].batch_repeat_interleave(K)
+        if s0 > 0:
+            inp = corrupted_cache[f"blocks.{s0}.hook_resid_pre"][:, p0:].repeat_interleave(K, 0)
+            with skipper.skip(s0):  # type: ignore[union-attr]
+                tail = run(inp, hooks, K, start_at_layer=s0, **kwargs)
+            n_skipped += s0 * K
+        else:
+            tail = run(corrupted_tokens[:, p0:].repeat_interleave(K, 0), hooks, K, **kwargs)
+        out = torch.cat([corrupted_out[:, :p0].repeat_interleave(K, 0), tail], dim=1) if p0 > 0 else tail
+        results[chunk_ids] = per_copy(out, K).cpu()
     values = results.reshape(*shape, B) if shape is not None else results
     dims = tuple(axes) + ("batch",) if shape is not None else ("patch", "batch")
     return PatchingResult(
@@ -284,9 +359,178 @@ def patch_sweep(
         corrupted=corrupted_value.cpu(),
         index=index,
         meta={"site": site, "hook": template, "all_pos": all_pos, "metric_site": metric_site,
-              "patches_per_forward": k_max, "n_patches": len(rows), "model_name": info.model_name},
+              "patches_per_forward": k_max, "n_patches": len(rows), "model_name": info.model_name,
+              "prefix_reuse": use_prefix, "prefix_reuse_unavailable": None if prefix_ok else why_not,
+              "layer_skip": skipper is not None, "n_forwards": len(plan),
+              "block_rows_skipped": n_skipped},
     )
 
+
+# --------------------------------------------------------------------------- speed-ups
+_SKIPPERS: "weakref.WeakKeyDictionary[Any, _BlockSkipper | None]" = weakref.WeakKeyDictionary()
+
+
+class _Identity(torch.nn.Module):
+    """Stands in for a skipped block: returns its input hidden states."""
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return hidden_states
+
+
+class _BlockSkipper:
+    """Swaps the first blocks of a model's block list for identities, and back.
+
+    The Hugging Face model runs its blocks from one ``ModuleList`` (TransformerLens' block
+    bridges sit in it). While blocks ``< s`` are identities, ``start_at_layer=s`` makes block
+    ``s`` replace its input with the given residual, so nothing before it is computed.
+    """
+
+    def __init__(self, layer_list: torch.nn.ModuleList) -> None:
+        self.layers = layer_list
+
+    @classmethod
+    def for_model(cls, model: ModelLike) -> "_BlockSkipper | None":
+        if model not in _SKIPPERS:
+            _SKIPPERS[model] = cls._find(model)
+        return _SKIPPERS[model]
+
+    @classmethod
+    def _find(cls, model: ModelLike) -> "_BlockSkipper | None":
+        blocks = list(getattr(model, "blocks", []))
+        root = getattr(model, "original_model", None)
+        if not blocks or not isinstance(root, torch.nn.Module) or not hasattr(model, "_setup_start_at_layer"):
+            return None
+        for mod in root.modules():
+            if isinstance(mod, torch.nn.ModuleList) and len(mod) == len(blocks) and all(a is b for a, b in zip(mod, blocks)):
+                skipper = cls(mod)
+                return skipper if _blocks_return_tensors(model, blocks[0]) and skipper._reproduces(model) else None
+        return None
+
+    def _reproduces(self, model: ModelLike) -> bool:
+        """Self-check: a pass that skips to a middle block gives the full pass' logits. Some
+        architectures (BERT's post-LN embedding path, for one) do not survive the swap."""
+        n = len(self.layers)
+        if n < 2:
+            return False
+        s = n // 2
+        tok = (torch.arange(1, 9, device=model_device(model)) % int(model.cfg.d_vocab))[None]
+        name = f"blocks.{s}.hook_resid_pre"
+        seen: dict[str, Tensor] = {}
+        try:
+            with torch.no_grad():
+                with hooked(model, [(name, lambda t, hook: seen.__setitem__("x", t.detach()))]):
+                    full = model(tok)
+                with self.skip(s):
+                    part = model(seen["x"], start_at_layer=s)
+        except Exception:  # noqa: BLE001 - any failure means: do not skip
+            return False
+        scale = float(full.abs().max()) or 1.0
+        return bool(torch.allclose(part, full, rtol=1e-4, atol=1e-5 * scale))
+
+    @contextmanager
+    def skip(self, n: int) -> Iterator[None]:
+        saved = [self.layers[i] for i in range(n)]
+        try:
+            for i in range(n):
+                self.layers[i] = _Identity()
+            yield
+        finally:
+            for i, block in enumerate(saved):
+                self.layers[i] = block
+
+
+def _blocks_return_tensors(model: ModelLike, block: torch.nn.Module) -> bool:
+    """Whether a block returns a plain tensor (what an identity can stand in for)."""
+    out: list[Any] = []
+    handle = block.register_forward_hook(lambda m, a, o: out.append(type(o)))
+    try:
+        tok = torch.zeros(1, 2, dtype=torch.long, device=model_device(model))
+        with torch.no_grad():
+            model(tok, return_type=None)
+    except Exception:  # noqa: BLE001 - any failure means: do not skip
+        return False
+    finally:
+        handle.remove()
+    return bool(out) and out[0] is Tensor
+
+
+def _layer_of(hook_name: str | None, n_layers: int) -> int:
+    """Block index of a hook name (``n_layers`` for hooks after the blocks or no hook)."""
+    if hook_name is None or not hook_name.startswith("blocks."):
+        return n_layers
+    return int(hook_name.split(".")[1])
+
+
+def _run_and_cache(model: ModelLike, run: Callable[..., Tensor], tokens: Tensor, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+    cache: dict[str, Tensor] = {}
+    # Keyed by the name asked for: the bridge reports aliases (hook_resid_pre) by their canonical name.
+    hooks = [(n, lambda t, hook, n=n: cache.__setitem__(n, t.detach())) for n in names]
+    return run(tokens, hooks, 1), cache
+
+
+_OVERHEAD: "weakref.WeakKeyDictionary[Any, float]" = weakref.WeakKeyDictionary()
+
+
+def forward_overhead(model: ModelLike) -> float:
+    """Fixed cost of one forward pass (seconds): the median of three 2-token passes, measured once
+    per model. It sets how many forward passes a sweep is worth splitting into."""
+    if model not in _OVERHEAD:
+        tok = torch.zeros(1, 2, dtype=torch.long, device=model_device(model))
+        times = []
+        with torch.no_grad():
+            for _ in range(3):
+                t0 = time.perf_counter()
+                model(tok, return_type=None)
+                times.append(time.perf_counter() - t0)
+        _OVERHEAD[model] = sorted(times)[1]
+    return _OVERHEAD[model]
+
+
+def _plan_chunks(rows: Tensor, k_max: int, *, by_pos: bool, n_pos: int, groups_per_layer: int) -> list[Tensor]:
+    """Row ids of each forward pass.
+
+    Patches are grouped by layer (so a pass can skip the blocks before it) and, when positions
+    are reused, into ``groups_per_layer`` runs of consecutive positions (so a pass starts at its
+    first position); runs longer than ``k_max`` patches are split.
+    """
+    order = torch.argsort(rows[:, 0] * (n_pos + 1) + (rows[:, 1] if by_pos else 0), stable=True)
+    chunks: list[Tensor] = []
+    for layer in torch.unique(rows[order, 0]).tolist():
+        ids = order[rows[order, 0] == layer]
+        if by_pos and groups_per_layer > 1:
+            span = max(1, -(-n_pos // groups_per_layer))  # positions per run
+            group = rows[ids, 1] // span
+            runs = [ids[group == g] for g in torch.unique(group).tolist()]
+        else:
+            runs = [ids]
+        for r in runs:
+            chunks += [r[i : i + k_max] for i in range(0, len(r), k_max)]
+    return chunks
+
+
+def _best_plan(
+    rows: Tensor, k_max: int, *, by_pos: bool, n_pos: int, n_layers: int, batch: int, skip: bool,
+    metric_layer: int, overhead: float, per_row: float,
+) -> list[Tensor]:
+    """The chunking with the least estimated time: each pass costs ``overhead`` plus ``per_row``
+    for every (row, position, block) it computes; each new prefix start costs a pass too."""
+    best: tuple[float, list[Tensor]] | None = None
+    for g in sorted({1, 2, 3, 4, 6, 8, 12, 16, n_pos}) if by_pos else [1]:
+        if g > n_pos:
+            continue
+        plan = _plan_chunks(rows, k_max, by_pos=by_pos, n_pos=n_pos, groups_per_layer=g)
+        cost, starts = 0.0, set()
+        for ids in plan:
+            p0 = int(rows[ids, 1].min()) if by_pos else 0
+            s0 = min(int(rows[ids, 0].min()), metric_layer) if skip else 0
+            cost += overhead + per_row * len(ids) * batch * (n_pos - p0) * (n_layers - s0)
+            if p0 > 0 and p0 not in starts:
+                starts.add(p0)
+                cost += overhead + per_row * batch * p0 * n_layers
+        if best is None or cost < best[0]:
+            best = (cost, plan)
+    assert best is not None
+    return best[1]
 
 def get_act_patch_sink_resid_pre(model: ModelLike, corrupted_tokens: Tensor, clean: Any, metric: PerPromptMetric, **kw: Any) -> PatchingResult:
     """Patch ``hook_resid_pre`` by layer and position (batched :func:`patch_sweep`)."""

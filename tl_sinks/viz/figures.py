@@ -22,13 +22,14 @@ from matplotlib.figure import Figure  # noqa: E402
 def plot_sink_heatmap(sinks: Any, pos: int = 0) -> Figure:
     """Layer x head heatmap of the mean attention received by ``pos``, heads above eps outlined."""
     v = sinks.values[:, :, pos].numpy()
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * v.shape[1], 1.0 + 0.4 * v.shape[0]))
+    # Wide enough for the two-line title even with few heads.
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 + 0.45 * v.shape[1]), 1.4 + 0.4 * v.shape[0]))
     im = ax.imshow(v, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     for layer, head in zip(*np.nonzero(v > sinks.eps)):
         ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, ec="white", lw=1.5))
     ax.set_xlabel("head_index")
     ax.set_ylabel("layer")
-    ax.set_title(f"mean attention received by position {pos} (outlined: > eps={sinks.eps}); sink rate {sinks.sink_rate(pos):.2f}")
+    ax.set_title(f"attention received by position {pos}\n(outlined: > eps={sinks.eps}); sink rate {sinks.sink_rate(pos):.2f}", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
     return fig
