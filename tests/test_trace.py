@@ -36,6 +36,10 @@ def test_ablation_links_use_the_found_super_neuron(trace, planted_llama, prompts
     assert loss["intervened"] == pytest.approx(next_token_loss(planted_llama, prompts, interventions=[spec]))
     for r in trace.links.itertuples():
         assert r.effect == pytest.approx(r.intervened - r.baseline)
+    # The planted neuron makes the disparity: without it the first token's top dim is ordinary.
+    disp = trace.links[trace.links.link == "-> dimension disparity"].iloc[0]
+    assert f"layers {PLANT['layer'] + 1}-" in disp["metric"] or "residual stream" in disp["metric"]
+    assert disp["baseline"] > 5 * disp["intervened"]
 
 
 def test_next_token_loss_matches_the_model(planted_llama, prompts):

@@ -228,7 +228,16 @@ def trace_chain(
 
         row("super neurons -> massive dim", f"mean |x| of dim {dim} at pos 0, layer {layer}",
             float(d0.first_mean_abs[layer, dim]), float(abl.disparity.first_mean_abs[layer, dim]))
-        row("-> dimension disparity", "paper ratio at pos 0 (max over layers)", d0.disparity(0), abl.disparity.disparity(0))
+        # Only layers after the earliest ablated neuron can change: the attention inputs of
+        # layers l0+1.. (or, for a neuron in the last layer, the final residual stream).
+        l0 = min(n[0] for n in neurons)
+        if l0 + 1 < info.n_layers:
+            site, span, where = "attn_in", slice(l0 + 1, None), f"layers {l0 + 1}-{info.n_layers - 1}, after the attention norm"
+        else:
+            site, span, where = "resid", slice(l0, l0 + 1), f"layer {l0}, residual stream"
+        row("-> dimension disparity", f"paper ratio at pos 0 (mean over {where})",
+            float(d0.disparity_by_layer(0, site=site).values[span].mean()),
+            float(abl.disparity.disparity_by_layer(0, site=site).values[span].mean()))
         row("-> sink", f"sink rate at pos 0 (eps={eps})", base.sinks.sink_rate(0), abl.sinks.sink_rate(0))
         row("-> sink", "mean attention received by pos 0", base.sinks.mean_received(0), abl.sinks.mean_received(0))
         if info.causal:
