@@ -80,11 +80,13 @@ def install(model_dir: str | Path, run_dir: str | Path | None = None) -> Path:
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     model.to(torch.float16).save_pretrained(dest)
     AutoTokenizer.from_pretrained(src).save_pretrained(dest)
-    shutil.copy(src / "training.json", dest / "training.json")
+    training = json.loads((src / "training.json").read_text())
     run = Path(run_dir) if run_dir is not None else src.parent
     if (run / "log.json").is_file():
         log = json.loads((run / "log.json").read_text())
         (dest / "loss_curve.json").write_text(json.dumps({"train": log["train"][::10], "val": log["val"]}))
+        training.setdefault("seconds", log.get("seconds"))
+    (dest / "training.json").write_text(json.dumps(training, indent=2))
     import numpy as np
 
     # A slice of the held-out token stream, so the card's prompts are reproducible offline.
@@ -93,23 +95,21 @@ def install(model_dir: str | Path, run_dir: str | Path | None = None) -> Path:
     return dest
 
 
-def measure(path: str | None = None) -> dict[str, Any]:
-    """Run the scan and the chain trace on the card's prompts; return the card's numbers."""
+def _measure_set(model: Any, prompts: Any, *, trace_prompts: Any, source: str) -> dict[str, Any]:
+    """Scan and chain trace of one prompt set: the numbers of one section of the card."""
     import tl_sinks
     from tl_sinks.trace import trace_chain
 
-    model = tl_sinks.load_model(path or default_model_path(), device="cpu")
-    prompts = card_prompts(model.tokenizer)
     r = tl_sinks.scan(model, prompts, batch_size=16, progress=False)
-    s = r.summary()
-    t = trace_chain(model, prompts[:32], batch_size=16, progress=False)
+    t = trace_chain(model, trace_prompts, batch_size=16, progress=False)
+    sn = r.super_neurons.found
     return {
-        "prompts": CARD_PROMPTS | {"source": "held-out corpus windows (val_sample.npy), BOS + 127 tokens"},
-        "summary": s,
+        "source": source,
+        "summary": r.summary(),
         "sink_rate_by_layer": r.sinks.sink_rate_by_layer(0).values.tolist(),
         "mean_received_by_layer": r.sinks.values[:, :, 0].mean(1).tolist(),
         "var_ratio_by_layer": r.aggregation.layer_ratio().values.tolist(),
-        "super_neurons": r.super_neurons.found[["label", "max_value", "max_pos", "position_ratio", "down_kurtosis", "top_dims", "top1_share"]].to_dict("records"),
+        "super_neurons": sn[["label", "max_value", "max_pos", "position_ratio", "down_kurtosis", "top_dims", "top1_share"]].to_dict("records"),
         "top_dims": r.disparity.top_dims().to_dict("records"),
         "massive_dims": r.disparity.massive_dims().to_dict("records"),
         "chain_links": t.links.to_dict("records"),
@@ -118,21 +118,77 @@ def measure(path: str | None = None) -> dict[str, Any]:
     }
 
 
+def measure(path: str | None = None) -> dict[str, Any]:
+    """Run the scan and the chain trace on the card's two prompt sets; return the card's numbers.
+
+    Sink statistics depend on prompt length (the uniform baseline is about ``ln(T) / T``), so
+    the card reports both the held-out 128-token corpus windows and the short built-in English
+    prompts that the command line, the report and the tutorials use.
+    """
+    import tl_sinks
+
+    model = tl_sinks.load_model(path or default_model_path(), device="cpu")
+    held_out = card_prompts(model.tokenizer)
+    builtin = tl_sinks.builtin_prompts()
+    return {
+        "prompts": CARD_PROMPTS,
+        "heldout": _measure_set(model, held_out, trace_prompts=held_out[:32],
+                                source=f"{CARD_PROMPTS['n']} held-out corpus windows (val_sample.npy, seed {CARD_PROMPTS['seed']}), BOS + {CARD_PROMPTS['seq_len'] - 1} tokens"),
+        "builtin": _measure_set(model, builtin, trace_prompts=builtin,
+                                source=f"the {len(builtin)} built-in English prompts (tl_sinks.builtin_prompts(), what `tl-sinks scan` uses)"),
+    }
+
+
 def _fmt(x: Any, nd: int = 3) -> str:
     return f"{x:.{nd}g}" if isinstance(x, float) else str(x)
+
+
+def _chain_lines(m: dict[str, Any]) -> list[str]:
+    s = m["summary"]
+    sn = m["super_neurons"]
+    lines = [
+        f"On {m['source']}:",
+        "",
+        f"- **Sink**: sink rate at position 0 {_fmt(s['sink_rate_pos0'])} (Gu et al., eps 0.3); mean attention to "
+        f"position 0 {_fmt(s['mean_received_pos0'])} against {_fmt(s['uniform_pos0'])} uniform. Sink rate by layer: "
+        + ", ".join(_fmt(v, 2) for v in m["sink_rate_by_layer"]) + ".",
+        f"- **Value aggregation**: median over heads of var(first) / var(rest) = {_fmt(s['var_ratio_first_rest_median'])}; per layer "
+        + ", ".join(_fmt(v, 2) for v in m["var_ratio_by_layer"]) + ".",
+        f"- **Super neurons**: {s.get('n_super_neurons', 0)} found"
+        + ("; " + "; ".join(
+            f"{n['label']} peak {_fmt(n['max_value'])} at position {n['max_pos']}, down-row excess kurtosis {_fmt(n['down_kurtosis'])}, "
+            f"top dims {n['top_dims']} ({_fmt(100 * n['top1_share'], 2)}% of its squared norm in the first)" for n in sn[:3]) if sn else "")
+        + ".",
+        f"- **Dimension disparity**: at the first token, dim {s['massive_dim_pos0']} reaches {_fmt(s['massive_dim_value'])} "
+        f"(layer {s['massive_dim_layer']}, {_fmt(s['massive_dim_ratio_to_median'])}x the token's median |x|); the paper's ratio "
+        f"(top dim / mean of the others, after the attention norm, max over layers) is {_fmt(s['disparity_pos0_attn_in'])} at "
+        f"position 0 against {_fmt(s['disparity_rest_attn_in'])} elsewhere. Sun et al.'s criterion (> 100 and > 1000x the median): "
+        f"{s['sun_massive_dims_pos0'] or 'not met'}.",
+        f"- **Trace** (`trace_chain`, super neurons mean-ablated at position 0): "
+        + "; ".join(f"{r['metric']}: {_fmt(r['baseline'])} -> {_fmt(r['intervened'])}" for r in m["chain_links"]) + ".",
+        "",
+        f"Sinks created at position {m['position']}: peak over layers of the attention it receives (no intervention, the "
+        "self-only mask, deviation amplification and its control, plain scaling):",
+        "",
+        "| intervention | lambda | peak received | layer | sink rate there |",
+        "|---|---|---|---|---|",
+    ]
+    for r in m["position_sweep_peak"]:
+        lines.append(f"| {r['intervention']} | {_fmt(r['lam'])} | {_fmt(r['peak_received'])} | {r['peak_layer']} | {_fmt(r['peak_sink_rate'])} |")
+    return lines + [""]
 
 
 def write_card(numbers: dict[str, Any], dest: Path = DEFAULT_MODEL_DIR) -> Path:
     """Render ``MODEL_CARD.md`` from the training record and :func:`measure`'s numbers."""
     training = json.loads((dest / "training.json").read_text())
-    cfg, corpus, s = training["config"], training["corpus"], numbers["summary"]
+    cfg, corpus = training["config"], training["corpus"]
     lines = [
         "# tl_sinks default model",
         "",
         "A small Llama-style decoder trained from scratch by `tl_sinks.train` so that every tl_sinks",
         "entry point and tutorial has a real model with an attention sink to analyse offline.",
         "Every number below is measured by `python -m tl_sinks.train.default_model card`, which",
-        "rewrites this file and `chain.json` from the shipped weights.",
+        "rewrites this file and `chain.json` from the shipped weights (a test re-measures them).",
         "",
         "## Model",
         f"- LlamaForCausalLM: {cfg['n_layers']} layers, d_model {cfg['d_model']}, {cfg['n_heads']} heads "
@@ -150,38 +206,24 @@ def write_card(numbers: dict[str, Any], dest: Path = DEFAULT_MODEL_DIR) -> Path:
         "## Training",
         f"- {training['steps']} steps x {cfg['batch_size']} sequences x {cfg['seq_len']} tokens = {training['tokens_seen']:,} tokens; "
         f"AdamW lr {cfg['lr']} (warm-up {cfg['warmup']}, cosine to {cfg['min_lr_ratio']}x), weight decay {cfg['weight_decay']}, "
-        f"betas ({cfg['beta1']}, {cfg['beta2']}), clip {cfg['grad_clip']}, seed {cfg['seed']}, CPU fp32.",
+        f"betas ({cfg['beta1']}, {cfg['beta2']}), clip {cfg['grad_clip']}, seed {cfg['seed']}, CPU, "
+        f"{'bf16 autocast with fp32 weights' if cfg.get('autocast') == 'bfloat16' else cfg.get('autocast') or 'fp32'}"
+        + (f", {training['seconds'] / 60:.0f} minutes" if training.get("seconds") else "") + ".",
         f"- Final validation loss: {_fmt(training['final_val_loss'], 4)} (nats/token). Curve: `loss_curve.json`.",
+        "- Reproduce: `python -m tl_sinks.train.default_model train runs/default`, then `install runs/default/model` and `card`.",
         "",
         "## The chain, measured",
-        f"On {numbers['prompts']['n']} held-out windows of {numbers['prompts']['seq_len']} tokens (`val_sample.npy`, seed {numbers['prompts']['seed']}):",
         "",
-        f"- **Sink**: sink rate at position 0 {_fmt(s['sink_rate_pos0'])} (Gu et al., eps 0.3); mean attention to "
-        f"position 0 {_fmt(s['mean_received_pos0'])} against {_fmt(s['uniform_pos0'])} uniform. By layer: "
-        + ", ".join(_fmt(v, 2) for v in numbers["sink_rate_by_layer"]) + ".",
-        f"- **Value aggregation**: median over heads of var(first) / var(rest) = {_fmt(s['var_ratio_first_rest_median'])}; per layer "
-        + ", ".join(_fmt(v, 2) for v in numbers["var_ratio_by_layer"]) + ".",
-        f"- **Super neurons**: {s.get('n_super_neurons', 0)} found; "
-        + "; ".join(f"{n['label']} peak {_fmt(n['max_value'])} at position {n['max_pos']}, down-row kurtosis {_fmt(n['down_kurtosis'])}, "
-                    f"top dims {n['top_dims']} ({_fmt(100 * n['top1_share'], 2)}% of its squared norm in the first)"
-                    for n in numbers["super_neurons"][:3]) + ".",
-        f"- **Dimension disparity**: at the first token, dim {s['massive_dim_pos0']} reaches {_fmt(s['massive_dim_value'])} "
-        f"(layer {s['massive_dim_layer']}, {_fmt(s['massive_dim_ratio_to_median'])}x the token's median |x|); the paper's ratio "
-        f"(top dim / mean of the others, after the attention norm) is {_fmt(s['disparity_pos0_attn_in'])} at position 0 against "
-        f"{_fmt(s['disparity_rest_attn_in'])} elsewhere. Sun et al.'s criterion (> 100 and > 1000x the median): "
-        f"{s['sun_massive_dims_pos0'] or 'not met'}.",
-        f"- **Trace** (`trace_chain`, position {numbers['position']}): "
-        + "; ".join(f"{r['metric']}: {_fmt(r['baseline'])} -> {_fmt(r['intervened'])}" for r in numbers["chain_links"]) + ".",
+        "### Held-out corpus windows",
         "",
-        "Peak attention received by the intervened position (over layers):",
+        *_chain_lines(numbers["heldout"]),
+        "### Short English prompts",
         "",
-        "| intervention | lambda | peak received | layer |",
-        "|---|---|---|---|",
+        *_chain_lines(numbers["builtin"]),
+        "## Intended use",
+        "Analysis of attention sinks with tl_sinks. It is a 3M-parameter model trained on docstrings: it is not a useful "
+        "language model.",
     ]
-    for r in numbers["position_sweep_peak"]:
-        lines.append(f"| {r['intervention']} | {_fmt(r['lam'])} | {_fmt(r['peak_received'])} | {r['peak_layer']} |")
-    lines += ["", "## Intended use", "Analysis of attention sinks with tl_sinks. It is a 3M-parameter model trained on "
-              "docstrings: it is not a useful language model."]
     path = dest / "MODEL_CARD.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -207,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         numbers = json.loads(json.dumps(measure(args.path), default=str))
         (DEFAULT_MODEL_DIR / "chain.json").write_text(json.dumps(numbers, indent=2))
         print(write_card(numbers))
-        print(json.dumps(numbers["summary"], indent=2))
+        for key in ("heldout", "builtin"):
+            print(key, json.dumps(numbers[key]["summary"], indent=2))
 
 
 if __name__ == "__main__":

@@ -346,7 +346,7 @@ def train(
         tokenizer.save_pretrained(model_dir)
         (model_dir / "training.json").write_text(
             json.dumps({"config": cfg.to_dict(), "corpus": data["manifest"], "final_val_loss": log["val"][-1][1] if log["val"] else None,
-                        "steps": step, "tokens_seen": step * cfg.batch_size * cfg.seq_len}, indent=2)
+                        "steps": step, "tokens_seen": step * cfg.batch_size * cfg.seq_len, "seconds": log["seconds"]}, indent=2)
         )
     return model_dir
 
