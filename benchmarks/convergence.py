@@ -2,13 +2,15 @@
 
 For every (variant, seed) it trains the same small Llama on the same docstring corpus, then
 measures the final validation loss, the first step at which the validation loss reaches the
-baseline's final loss, the sink rate at position 0 and the dimension disparity (the paper's
-top-over-rest ratio at the first token, after the attention norm) with ``tl_sinks.scan``. It also
-times training steps of each variant (step-time overhead against the baseline).
+baseline's final loss (mean over its seeds), the sink rate at position 0 and the dimension
+disparity (the paper's top-over-rest ratio at the first token, after the attention norm) with
+``tl_sinks.scan``. Step-time overhead is ``benchmarks/headnorm_overhead.py``'s job (runs in
+parallel here would distort it).
 
 Usage (about 6 minutes per run on 2 CPU cores with the defaults; use --device cuda on a GPU)::
 
     python benchmarks/convergence.py --out benchmarks/results/convergence --seeds 0 1 2
+    python benchmarks/convergence.py --steps 600 --jobs 2 --threads 1   # two runs at a time on 2 cores
 
 Writes ``<out>/convergence.json`` (all numbers, loss curves) and ``<out>/convergence.png``.
 The paper reports (152M model, OpenWebText): validation loss 2.7812 baseline vs 2.7421 head-wise
@@ -39,38 +41,6 @@ def small_config(variant: str, seed: int, steps: int, device: str, threads: int 
     )
 
 
-def step_time(variant: str, device: str, threads: int | None, n: int = 20) -> float:
-    """Median seconds per optimiser step of the small model (after warm-up)."""
-    import torch
-    from transformers import LlamaConfig
-
-    from tl_sinks.train.modeling import build_variant
-    from tl_sinks.train.trainer import _optimizer
-
-    if threads:
-        torch.set_num_threads(threads)
-    cfg = small_config(variant, 0, 10, device, threads)
-    hf = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
-                     num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, max_position_embeddings=cfg.seq_len,
-                     tie_word_embeddings=True, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = build_variant(hf, variant).to(device).train()
-    opt = _optimizer(model, cfg)
-    x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_len), device=device)
-    times = []
-    for i in range(n + 3):
-        t0 = time.perf_counter()
-        loss = model(x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def measure(model_dir: Path, data_dir: Path, cfg) -> dict:
     import torch
 
@@ -90,6 +60,29 @@ def measure(model_dir: Path, data_dir: Path, cfg) -> dict:
     }
 
 
+def run_one(variant: str, seed: int, args: argparse.Namespace, data_dir: Path) -> dict:
+    """Train and measure one (variant, seed); runs in a worker process when ``--jobs`` > 1."""
+    import torch
+
+    from tl_sinks.train import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = small_config(variant, seed, args.steps, args.device, args.threads)
+    run = Path(args.out) / f"{variant}_s{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    if not (run / "data").exists():
+        (run / "data").symlink_to(data_dir.resolve(), target_is_directory=True)
+    t0 = time.perf_counter()
+    model_dir = train(cfg, run, progress=False)
+    log = json.loads((run / "log.json").read_text())
+    r = {"variant": variant, "seed": seed, "seconds": time.perf_counter() - t0, "val": log["val"],
+         "final_val": log["val"][-1][1], **measure(model_dir, data_dir, cfg)}
+    print(f"{variant:10} seed {seed}: val {r['final_val']:.4f} sink {r['sink_rate_pos0']:.3f} "
+          f"disparity {r['disparity_pos0']:.1f} ({r['seconds']:.0f} s)", flush=True)
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/convergence")
@@ -97,30 +90,27 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes (use --threads 1 with it)")
     ap.add_argument("--data", default=None, help="shared data directory (built once)")
     args = ap.parse_args()
-    from tl_sinks.train import train
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tl_sinks.train.trainer import prepare_data
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = Path(args.data) if args.data else out / "data"
-    runs = {}
-    for variant in args.variants:
-        for seed in args.seeds:
-            cfg = small_config(variant, seed, args.steps, args.device, args.threads)
-            run = out / f"{variant}_s{seed}"
-            run.mkdir(exist_ok=True)
-            if not (run / "data").exists():
-                data_dir.mkdir(parents=True, exist_ok=True)
-                (run / "data").symlink_to(data_dir.resolve(), target_is_directory=True)
-            t0 = time.perf_counter()
-            model_dir = train(cfg, run, progress=False)
-            log = json.loads((run / "log.json").read_text())
-            runs[f"{variant}/{seed}"] = {"variant": variant, "seed": seed, "seconds": time.perf_counter() - t0,
-                                         "val": log["val"], "final_val": log["val"][-1][1], **measure(model_dir, data_dir, cfg)}
-            print(f"{variant:10} seed {seed}: val {runs[f'{variant}/{seed}']['final_val']:.4f} "
-                  f"sink {runs[f'{variant}/{seed}']['sink_rate_pos0']:.3f} disparity {runs[f'{variant}/{seed}']['disparity_pos0']:.1f}", flush=True)
+    # Build the corpus and tokenizer once, before any worker could race to build it.
+    prepare_data(small_config("softmax", 0, args.steps, args.device, args.threads), data_dir)
+    todo = [(v, s) for v in args.variants for s in args.seeds]
+    t0 = time.perf_counter()
+    if args.jobs > 1:
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            done = list(pool.map(run_one, *zip(*todo), [args] * len(todo), [data_dir] * len(todo)))
+    else:
+        done = [run_one(v, s, args, data_dir) for v, s in todo]
+    runs = {f"{r['variant']}/{r['seed']}": r for r in done}
     base_final = statistics.mean(r["final_val"] for r in runs.values() if r["variant"] == "softmax") if any(
         r["variant"] == "softmax" for r in runs.values()) else None
     summary = {}
@@ -137,19 +127,21 @@ def main() -> None:
             "final_val_std": statistics.pstdev(r["final_val"] for r in rs),
             "steps_to_baseline_final": reach,
             "sink_rate_mean": statistics.mean(r["sink_rate_pos0"] for r in rs),
+            "mean_received_pos0_mean": statistics.mean(r["mean_received_pos0"] for r in rs),
             "disparity_mean": statistics.mean(r["disparity_pos0"] for r in rs),
-            "step_seconds": step_time(variant, args.device, args.threads),
+            "disparity_std": statistics.pstdev(r["disparity_pos0"] for r in rs),
+            "var_ratio_median_mean": statistics.mean(r["var_ratio_median"] for r in rs),
         }
-    if "softmax" in summary:
-        for v in summary.values():
-            v["step_time_overhead"] = v["step_seconds"] / summary["softmax"]["step_seconds"] - 1
-    result = {"settings": vars(args), "config": small_config("softmax", 0, args.steps, args.device, args.threads).to_dict(),
-              "summary": summary, "runs": runs}
+    result = {"settings": vars(args), "wall_seconds": time.perf_counter() - t0,
+              "config": small_config("softmax", 0, args.steps, args.device, args.threads).to_dict(),
+              "baseline_final_val": base_final, "summary": summary, "runs": runs,
+              "paper": {"val_loss": {"softmax": 2.7812, "headnorm": 2.7421}, "disparity": {"softmax": 82.67, "headnorm": 33.74},
+                        "setting": "152M model, OpenWebText"}}
     (out / "convergence.json").write_text(json.dumps(result, indent=2))
     _plot(runs, summary, out / "convergence.png")
     for k, v in summary.items():
         print(f"{k:10} val {v['final_val_mean']:.4f} +- {v['final_val_std']:.4f}  sink {v['sink_rate_mean']:.3f}  "
-              f"disparity {v['disparity_mean']:.1f}  step x{1 + v.get('step_time_overhead', 0):.3f}  reach {v['steps_to_baseline_final']}")
+              f"disparity {v['disparity_mean']:.1f} +- {v['disparity_std']:.1f}  reach {v['steps_to_baseline_final']}")
 
 
 def _plot(runs: dict, summary: dict, path: Path) -> None:

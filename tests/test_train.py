@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -47,6 +48,28 @@ def test_every_training_sequence_starts_with_bos(run_dir):
     x = sample_batch(data["train"], 8, 32, data["tokenizer"].bos_token_id, torch.Generator().manual_seed(0))
     assert (x[:, 0] == data["tokenizer"].bos_token_id).all()
     assert not (x[:, 1:] == data["tokenizer"].bos_token_id).any()
+
+
+def test_bos_prob_mixes_windows_without_bos(run_dir):
+    from tl_sinks.train.trainer import prepare_data, sample_batch
+
+    data = prepare_data(TrainConfig(**TINY), run_dir / "data", progress=False)
+    ids, bos = np.asarray(data["train"]), data["tokenizer"].bos_token_id
+    x = sample_batch(ids, 64, 32, bos, torch.Generator().manual_seed(0), bos_prob=0.5)
+    has = x[:, 0] == bos
+    assert 10 < int(has.sum()) < 54 and not (x[:, 1:] == bos).any()
+    for row, b in zip(x, has):  # every row is one contiguous window of the token stream
+        body = row[1:] if b else row
+        starts = np.flatnonzero(ids[: len(ids) - len(body) + 1] == int(body[0]))
+        assert any((ids[s : s + len(body)] == body.numpy()).all() for s in starts)
+    assert not (sample_batch(ids, 16, 32, bos, torch.Generator().manual_seed(0), bos_prob=0.0)[:, 0] == bos).any()
+    # The default draws exactly what it drew before the option existed (seeded runs unchanged).
+    torch.testing.assert_close(sample_batch(ids, 8, 32, bos, torch.Generator().manual_seed(3)),
+                               sample_batch(ids, 8, 32, bos, torch.Generator().manual_seed(3), bos_prob=1.0), rtol=0, atol=0)
+    assert "bos_prob" not in TrainConfig(**TINY).to_dict()  # older runs' configs still compare equal
+    assert TrainConfig(**(TINY | {"bos_prob": 0.5})).to_dict()["bos_prob"] == 0.5
+    with pytest.raises(ValueError, match="bos_prob"):
+        TrainConfig(**(TINY | {"bos_prob": 1.5}))
 
 
 def test_resume_is_bit_exact_and_runs_are_seeded(run_dir, tmp_path):

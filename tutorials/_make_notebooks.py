@@ -95,13 +95,22 @@ NOTEBOOKS = {
     ],
     "04_interventions_and_patching.ipynb": [
         "md:# 04 · Interventions and patching\n\nThe paper creates sinks at arbitrary positions: mask a token so it "
-        "attends only to itself, or amplify the deviation of its attention output from the mean. Plain scaling is the "
-        "control and should not create a sink.",
+        "attends only to itself, or amplify the deviation of its attention output from the mean; plain scaling is the "
+        "control, which the paper reports does not create one (Llama-2, Llama-3). Here they are measured on the model at "
+        "hand, together with the first link of the chain: ablating the super neurons.",
         SETUP,
         "from tl_sinks.trace import trace_chain\n"
         "trace = trace_chain(model, prompts, lambdas=(1, 5, 10, 30), progress=False)\nprint(trace)",
         "from tl_sinks.viz import plot_intervention_sweep\nplot_intervention_sweep(trace);",
         "trace.links",
+        "md:Whether the interventions create a sink depends on how the model finds its first token. Under a causal "
+        "mask the first token is first whatever it is; if the model's sink survives without BOS, the sink comes from the "
+        "first *position* (the paper's value-aggregation mechanism) and making position p look like a first position "
+        "should make it a sink too. If the sink vanishes without BOS, the model keys it to the BOS token itself:",
+        "ids = [model.to_tokens(p_)[0].tolist() for p_ in prompts]\n"
+        "with_bos = tl_sinks.compute_sink_scores(model, ids, progress=False)\n"
+        "without_bos = tl_sinks.compute_sink_scores(model, [t[1:] for t in ids], require_bos=False, progress=False)\n"
+        "print(f'sink rate at position 0 with BOS {with_bos.sink_rate(0):.2f}, without {without_bos.sink_rate(0):.2f}')",
         "md:Interventions are declarative and removed on exit:",
         "from tl_sinks.interventions import SelfOnlyMask, intervene\nfrom tl_sinks.trace import attention_to\n"
         "p = trace.pos\nbase, _ = attention_to(model, prompts, p)\nmasked, _ = attention_to(model, prompts, p, interventions=[SelfOnlyMask(pos=p)])\n"
@@ -138,6 +147,11 @@ NOTEBOOKS = {
         "curve = json.loads((DEFAULT_MODEL_DIR / 'loss_curve.json').read_text())\n"
         "plot_training_curves({'default model': curve}, smooth=5);",
         "print((DEFAULT_MODEL_DIR / 'MODEL_CARD.md').read_text()[:2000])",
+        "md:The convergence study (`python benchmarks/convergence.py`, several seeds per variant) leaves its numbers in "
+        "`benchmarks/results/convergence/convergence.json` when run from a clone of the repository:",
+        "import pandas as pd\n"
+        "found = [p for p in (Path('..') / 'benchmarks/results/convergence/convergence.json', Path('benchmarks/results/convergence/convergence.json')) if p.is_file()]\n"
+        "pd.DataFrame(json.loads(found[0].read_text())['summary']).T if found else 'not run here'",
     ],
 }
 

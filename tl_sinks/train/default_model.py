@@ -118,6 +118,30 @@ def _measure_set(model: Any, prompts: Any, *, trace_prompts: Any, source: str) -
     }
 
 
+def measure_without_bos(model: Any, prompts: torch.Tensor) -> dict[str, Any]:
+    """The same windows with BOS dropped: is the sink tied to the first position or to BOS?
+
+    Under a causal mask with rotary positions, the first token of a window is first whatever it
+    is; if the sink and the massive dim vanish without BOS, the model keys them to the BOS token
+    itself rather than to the first position (the paper's value-aggregation mechanism).
+    """
+    import tl_sinks
+
+    with_bos = tl_sinks.scan(model, prompts, stages=["sinks", "disparity"], batch_size=16, progress=False)
+    r = tl_sinks.scan(model, prompts[:, 1:], stages=["sinks", "disparity"], batch_size=16, progress=False, require_bos=False)
+    dim = int(with_bos.summary()["massive_dim_pos0"])
+    return {
+        "source": f"the held-out windows without BOS (BOS + {CARD_PROMPTS['seq_len'] - 1} tokens -> the {CARD_PROMPTS['seq_len'] - 1} tokens)",
+        "sink_rate_pos0": r.sinks.sink_rate(0),
+        "mean_received_pos0": r.sinks.mean_received(0),
+        "sink_rate_by_layer": r.sinks.sink_rate_by_layer(0).values.tolist(),
+        "massive_dim": dim,
+        "massive_dim_pos0_by_layer": r.disparity.first_mean_abs[:, dim].tolist(),
+        "massive_dim_pos0_by_layer_with_bos": with_bos.disparity.first_mean_abs[:, dim].tolist(),
+        "disparity_pos0_attn_in": r.summary()["disparity_pos0_attn_in"],
+    }
+
+
 def measure(path: str | None = None) -> dict[str, Any]:
     """Run the scan and the chain trace on the card's two prompt sets; return the card's numbers.
 
@@ -132,6 +156,7 @@ def measure(path: str | None = None) -> dict[str, Any]:
     builtin = tl_sinks.builtin_prompts()
     return {
         "prompts": CARD_PROMPTS,
+        "no_bos": measure_without_bos(model, held_out),
         "heldout": _measure_set(model, held_out, trace_prompts=held_out[:32],
                                 source=f"{CARD_PROMPTS['n']} held-out corpus windows (val_sample.npy, seed {CARD_PROMPTS['seed']}), BOS + {CARD_PROMPTS['seq_len'] - 1} tokens"),
         "builtin": _measure_set(model, builtin, trace_prompts=builtin,
@@ -178,6 +203,24 @@ def _chain_lines(m: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _no_bos_lines(nb: dict[str, Any] | None) -> list[str]:
+    if not nb:
+        return []
+    return [
+        "### Is the sink tied to BOS or to the first position?",
+        "",
+        f"On {nb['source']}: sink rate at position 0 {_fmt(nb['sink_rate_pos0'])}, mean attention to it "
+        f"{_fmt(nb['mean_received_pos0'])} (sink rate by layer " + ", ".join(_fmt(v, 2) for v in nb["sink_rate_by_layer"]) + "); "
+        f"mean |x| of dim {nb['massive_dim']} at position 0 by layer: "
+        + ", ".join(_fmt(v, 3) for v in nb["massive_dim_pos0_by_layer"]) + " (with BOS: "
+        + ", ".join(_fmt(v, 3) for v in nb["massive_dim_pos0_by_layer_with_bos"]) + "). "
+        "Without BOS the first token is still the only one that attends to itself alone (the paper's "
+        "value-aggregation mechanism is intact), so a sink that disappears here is keyed to the BOS token's identity; "
+        "then nothing suggests that the paper's position interventions (the table above) create a sink elsewhere.",
+        "",
+    ]
+
+
 def write_card(numbers: dict[str, Any], dest: Path = DEFAULT_MODEL_DIR) -> Path:
     """Render ``MODEL_CARD.md`` from the training record and :func:`measure`'s numbers."""
     training = json.loads((dest / "training.json").read_text())
@@ -220,6 +263,7 @@ def write_card(numbers: dict[str, Any], dest: Path = DEFAULT_MODEL_DIR) -> Path:
         "### Short English prompts",
         "",
         *_chain_lines(numbers["builtin"]),
+        *_no_bos_lines(numbers.get("no_bos")),
         "## Intended use",
         "Analysis of attention sinks with tl_sinks. It is a 3M-parameter model trained on docstrings: it is not a useful "
         "language model.",

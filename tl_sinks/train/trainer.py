@@ -35,6 +35,10 @@ from tl_sinks.train.corpus import DEFAULT_PACKAGES, build_corpus
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<s>", "</s>", "<pad>"
 
 
+# TrainConfig fields added after runs were recorded, with the default that reproduces those runs.
+_LATER_FIELDS: dict[str, Any] = {"bos_prob": 1.0}
+
+
 @dataclass
 class TrainConfig:
     """Everything that determines a training run.
@@ -54,6 +58,11 @@ class TrainConfig:
             parameters and optimiser stay in ``dtype``). About 2x faster on CPUs with bf16
             matrix units and on GPUs; ``None`` computes in ``dtype``.
         eval_every, eval_batches, checkpoint_every: Validation and checkpoint cadence (steps).
+        bos_prob: Share of training sequences that start with BOS (default 1: all). The others
+            are ``seq_len`` corpus tokens, whose first token is first only by position: with
+            rotary positions and a causal mask the model can then find it only through the
+            first position's value aggregation (the paper's mechanism), not by BOS's identity.
+            Validation sequences start with BOS (none if ``bos_prob`` is 0).
     """
 
     d_model: int = 192
@@ -85,6 +94,7 @@ class TrainConfig:
     eval_every: int = 250
     eval_batches: int = 8
     checkpoint_every: int = 500
+    bos_prob: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -99,12 +109,19 @@ class TrainConfig:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.autocast not in (None, "bfloat16", "float16"):
             raise ValueError(f"autocast must be None, 'bfloat16' or 'float16', got {self.autocast!r}")
+        if not 0.0 <= self.bos_prob <= 1.0:
+            raise ValueError(f"bos_prob must be in [0, 1], got {self.bos_prob}")
         if self.seq_len < 2 or self.steps < 1 or self.batch_size < 1:
             raise ValueError("seq_len >= 2, steps >= 1 and batch_size >= 1 are required")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["packages"] = list(self.packages)
+        # Fields added after runs were recorded are left out at their defaults, so the configs of
+        # earlier runs and checkpoints still compare equal (and resume).
+        for name, default in _LATER_FIELDS.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod
@@ -191,13 +208,28 @@ def prepare_data(cfg: TrainConfig, data_dir: Path, *, progress: bool = True) -> 
     return {"tokenizer": tokenizer, "train": train_ids, "val": val_ids, "manifest": manifest}
 
 
-def sample_batch(ids: np.ndarray, batch_size: int, seq_len: int, bos_id: int, gen: torch.Generator) -> torch.Tensor:
-    """``[batch, seq_len]``: BOS, then a random window of ``seq_len - 1`` corpus tokens."""
-    starts = torch.randint(0, len(ids) - (seq_len - 1), (batch_size,), generator=gen)
+def sample_batch(
+    ids: np.ndarray, batch_size: int, seq_len: int, bos_id: int, gen: torch.Generator, bos_prob: float = 1.0
+) -> torch.Tensor:
+    """``[batch, seq_len]``: BOS, then a random window of ``seq_len - 1`` corpus tokens.
+
+    With ``bos_prob < 1`` each row starts with BOS with that probability and is otherwise a
+    window of ``seq_len`` corpus tokens. ``bos_prob=1`` draws exactly the random numbers it
+    always did, so seeded runs are unchanged.
+    """
+    if bos_prob >= 1.0:
+        starts = torch.randint(0, len(ids) - (seq_len - 1), (batch_size,), generator=gen)
+        with_bos = [True] * batch_size
+    else:
+        with_bos = (torch.rand(batch_size, generator=gen) < bos_prob).tolist()
+        starts = torch.randint(0, len(ids) - seq_len, (batch_size,), generator=gen)
     out = torch.empty(batch_size, seq_len, dtype=torch.long)
-    out[:, 0] = bos_id
-    for i, s in enumerate(starts.tolist()):
-        out[i, 1:] = torch.from_numpy(np.asarray(ids[s : s + seq_len - 1], dtype=np.int64))
+    for i, (s, bos) in enumerate(zip(starts.tolist(), with_bos)):
+        if bos:
+            out[i, 0] = bos_id
+            out[i, 1:] = torch.from_numpy(np.asarray(ids[s : s + seq_len - 1], dtype=np.int64))
+        else:
+            out[i] = torch.from_numpy(np.asarray(ids[s : s + seq_len], dtype=np.int64))
     return out
 
 
@@ -260,7 +292,8 @@ def evaluate(model: torch.nn.Module, ids: np.ndarray, cfg: TrainConfig, bos_id: 
     gen = torch.Generator().manual_seed(10_000 + cfg.seed)
     losses = []
     for _ in range(cfg.eval_batches):
-        x = sample_batch(ids, cfg.batch_size, cfg.seq_len, bos_id, gen).to(cfg.device)
+        # BOS windows, or none at all for a run that never saw BOS.
+        x = sample_batch(ids, cfg.batch_size, cfg.seq_len, bos_id, gen, 1.0 if cfg.bos_prob > 0 else 0.0).to(cfg.device)
         with _autocast(cfg):
             losses.append(float(model(x, labels=x).loss))
     model.train(was_training)
@@ -316,7 +349,7 @@ def train(
         while step < end:
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step)
-            x = sample_batch(data["train"], cfg.batch_size, cfg.seq_len, bos_id, gen).to(cfg.device)
+            x = sample_batch(data["train"], cfg.batch_size, cfg.seq_len, bos_id, gen, cfg.bos_prob).to(cfg.device)
             with _autocast(cfg):
                 loss = model(x, labels=x).loss
             if not torch.isfinite(loss):
