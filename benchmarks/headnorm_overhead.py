@@ -20,6 +20,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -97,6 +98,7 @@ def main() -> None:
     out = Path(args.out or Path(__file__).parent / "results" / f"headnorm_overhead_{args.recipe}_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
+        "command": "python benchmarks/headnorm_overhead.py " + " ".join(sys.argv[1:]),
         "settings": vars(args), "machine": {"platform": platform.platform(), "torch": torch.__version__,
                                             "threads": torch.get_num_threads()}, "results": rows}, indent=2))
     print(f"wrote {out}")

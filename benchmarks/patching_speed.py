@@ -8,7 +8,7 @@ Usage::
     python benchmarks/patching_speed.py --model minilm --batch-size 4 --seq-len 24
     python benchmarks/patching_speed.py --model tl_sinks/data/default_model --seq-len 32
 
-Writes ``benchmarks/results/patching_speed_<model>.json``.
+Writes ``benchmarks/results/patching_speed_<model>_b<batch>_<device>.json``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -71,8 +72,9 @@ def main() -> None:
     result = {
         "model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "device": args.device,
         "threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__, "results": rows,
+        "command": "python benchmarks/patching_speed.py " + " ".join(sys.argv[1:]),
     }
-    out = Path(args.out or Path(__file__).parent / "results" / f"patching_speed_{Path(args.model).name}_{args.device}.json")
+    out = Path(args.out or Path(__file__).parent / "results" / f"patching_speed_{Path(args.model).name}_b{args.batch_size}_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")

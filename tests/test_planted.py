@@ -115,3 +115,14 @@ def test_ablating_the_planted_neuron_removes_the_massive_dim(planted_llama):
         ablated = tl_sinks.compute_dimension_disparity(planted_llama, prompts)
     assert ablated.massive_dims().empty
     assert float(ablated.first_mean_abs[:, PLANT["massive_dim"]].max()) < 1.0
+
+
+def test_no_super_neurons_gives_an_empty_table_with_every_column(tiny_gpt2, planted_llama):
+    """Code that selects the down-row columns works on a model with no super neurons too."""
+    prompts = random_prompts([10, 10, 10, 10])
+    none = tl_sinks.find_super_neurons(tiny_gpt2, prompts, min_ratio=1e12, progress=False).found
+    some = tl_sinks.find_super_neurons(planted_llama, prompts, progress=False).found
+    assert none.empty and len(some) > 0
+    assert list(none.columns) == list(some.columns)
+    w = tl_sinks.find_super_neurons_by_weights(tiny_gpt2, top_k=0).found
+    assert w.empty and {"down_kurtosis", "top_dims", "top1_share"} <= set(w.columns)

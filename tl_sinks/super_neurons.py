@@ -99,6 +99,11 @@ def channel_concentration(
     }
 
 
+# Columns describe_down_rows adds: an empty ``found`` has them too, so code that selects them
+# works whether or not a model has super neurons.
+DOWN_ROW_COLUMNS = ["down_norm", "down_kurtosis", "top_dims", "top_weights", "top1_share", "top3_share", "dims_for_90pct"]
+
+
 def describe_down_rows(model: ModelLike, layers: Sequence[int], neurons: Sequence[int]) -> pd.DataFrame:
     """Kurtosis and channel concentration of ``W_out[layer][neuron]`` rows."""
     rows = []
@@ -117,7 +122,8 @@ def describe_down_rows(model: ModelLike, layers: Sequence[int], neurons: Sequenc
                     "dims_for_90pct": c["dims_for_mass"],
                 }
             )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=DOWN_ROW_COLUMNS)
+
 
 
 # --------------------------------------------------------------------------- results
@@ -326,8 +332,7 @@ class SuperNeuronAccumulator:
                 "write_norm": col(write),
             }
         )
-        if len(found):
-            found = pd.concat([found, describe_down_rows(self.model, layers, neurons)], axis=1)
+        found = pd.concat([found, describe_down_rows(self.model, layers, neurons)], axis=1)
         return SuperNeurons(
             values=position_ratio,
             max_abs=max_abs,
@@ -456,9 +461,8 @@ def find_super_neurons_by_weights(
                     "up_norm": float(up[i, n]), "gate_norm": float(gate[i, n]),
                 }
             )
-    found = pd.DataFrame(rows)
-    if len(found):
-        found = pd.concat([found, describe_down_rows(model, found["layer"].tolist(), found["neuron"].tolist())], axis=1)
+    found = pd.DataFrame(rows, columns=["layer", "neuron", "label", "norm_ratio", "up_norm", "gate_norm"])
+    found = pd.concat([found, describe_down_rows(model, found["layer"].tolist(), found["neuron"].tolist())], axis=1)
     meta = {**base_meta(model, info), "stage": "super_neurons_by_weights", "layers": layers, "top_k": top_k}
     return WeightSuperNeurons(
         values=score, up_norm=up, gate_norm=gate, found=found, meta=meta,
