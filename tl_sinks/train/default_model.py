@@ -95,12 +95,10 @@ def install(model_dir: str | Path, run_dir: str | Path | None = None) -> Path:
     return dest
 
 
-def _measure_set(model: Any, prompts: Any, *, trace_prompts: Any, source: str) -> dict[str, Any]:
-    """Scan and chain trace of one prompt set: the numbers of one section of the card."""
-    import tl_sinks
+def _measure_set(model: Any, r: Any, *, trace_prompts: Any, source: str) -> dict[str, Any]:
+    """One section of the card: a prompt set's scan ``r`` and the chain trace on ``trace_prompts``."""
     from tl_sinks.trace import trace_chain
 
-    r = tl_sinks.scan(model, prompts, batch_size=16, progress=False)
     t = trace_chain(model, trace_prompts, batch_size=16, progress=False)
     sn = r.super_neurons.found
     return {
@@ -118,16 +116,16 @@ def _measure_set(model: Any, prompts: Any, *, trace_prompts: Any, source: str) -
     }
 
 
-def measure_without_bos(model: Any, prompts: torch.Tensor) -> dict[str, Any]:
+def measure_without_bos(model: Any, prompts: torch.Tensor, with_bos: Any) -> dict[str, Any]:
     """The same windows with BOS dropped: is the sink tied to the first position or to BOS?
 
     Under a causal mask with rotary positions, the first token of a window is first whatever it
     is; if the sink and the massive dim vanish without BOS, the model keys them to the BOS token
     itself rather than to the first position (the paper's value-aggregation mechanism).
+    ``with_bos`` is the scan of ``prompts`` themselves.
     """
     import tl_sinks
 
-    with_bos = tl_sinks.scan(model, prompts, stages=["sinks", "disparity"], batch_size=16, progress=False)
     r = tl_sinks.scan(model, prompts[:, 1:], stages=["sinks", "disparity"], batch_size=16, progress=False, require_bos=False)
     dim = int(with_bos.summary()["massive_dim_pos0"])
     return {
@@ -154,12 +152,13 @@ def measure(path: str | None = None) -> dict[str, Any]:
     model = tl_sinks.load_model(path or default_model_path(), device="cpu")
     held_out = card_prompts(model.tokenizer)
     builtin = tl_sinks.builtin_prompts()
+    scanned = {name: tl_sinks.scan(model, p, batch_size=16, progress=False) for name, p in (("heldout", held_out), ("builtin", builtin))}
     return {
         "prompts": CARD_PROMPTS,
-        "no_bos": measure_without_bos(model, held_out),
-        "heldout": _measure_set(model, held_out, trace_prompts=held_out[:32],
+        "no_bos": measure_without_bos(model, held_out, scanned["heldout"]),
+        "heldout": _measure_set(model, scanned["heldout"], trace_prompts=held_out[:32],
                                 source=f"{CARD_PROMPTS['n']} held-out corpus windows (val_sample.npy, seed {CARD_PROMPTS['seed']}), BOS + {CARD_PROMPTS['seq_len'] - 1} tokens"),
-        "builtin": _measure_set(model, builtin, trace_prompts=builtin,
+        "builtin": _measure_set(model, scanned["builtin"], trace_prompts=builtin,
                                 source=f"the {len(builtin)} built-in English prompts (tl_sinks.builtin_prompts(), what `tl-sinks scan` uses)"),
     }
 
