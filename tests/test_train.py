@@ -70,6 +70,8 @@ def test_bos_prob_mixes_windows_without_bos(run_dir):
     assert TrainConfig(**(TINY | {"bos_prob": 0.5})).to_dict()["bos_prob"] == 0.5
     with pytest.raises(ValueError, match="bos_prob"):
         TrainConfig(**(TINY | {"bos_prob": 1.5}))
+    with pytest.raises(ValueError, match="without BOS"):
+        sample_batch(ids[:32], 4, 32, bos, torch.Generator().manual_seed(0), bos_prob=0.5)
 
 
 def test_resume_is_bit_exact_and_runs_are_seeded(run_dir, tmp_path):

@@ -221,6 +221,8 @@ def sample_batch(
         starts = torch.randint(0, len(ids) - (seq_len - 1), (batch_size,), generator=gen)
         with_bos = [True] * batch_size
     else:
+        if len(ids) <= seq_len:
+            raise ValueError(f"the token stream ({len(ids)} tokens) needs more than seq_len={seq_len} tokens for windows without BOS")
         with_bos = (torch.rand(batch_size, generator=gen) < bos_prob).tolist()
         starts = torch.randint(0, len(ids) - seq_len, (batch_size,), generator=gen)
     out = torch.empty(batch_size, seq_len, dtype=torch.long)
