@@ -160,6 +160,41 @@ def test_layer_skipping_equals_full_forward_passes(tiny_llama, pair, site):
     torch.testing.assert_close(fast.values, slow.values, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(("layers_per_group", "groups_per_layer"), [(1, 1), (2, 3), (3, 7), (1, 7)])
+def test_every_chunking_plan_gives_the_same_numbers(tiny_llama, pair, monkeypatch, layers_per_group, groups_per_layer):
+    # The planner picks a chunking from timings; force each shape (passes spanning several layers
+    # start at the first of them, passes spanning positions at the first) and compare.
+    from tl_sinks import patching
+
+    clean, corrupted, _, metric = pair
+    slow = patch_sweep(tiny_llama, corrupted, clean, metric, site="resid_pre", skip_layers=False, reuse_prefix=False)
+
+    def forced(rows, k_max, *, by_pos, n_pos, **_):
+        return patching._plan_chunks(rows, k_max, by_pos=by_pos, n_pos=n_pos, groups_per_layer=groups_per_layer,
+                                     layers_per_group=layers_per_group)
+
+    monkeypatch.setattr(patching, "_best_plan", forced)
+    fast = patch_sweep(tiny_llama, corrupted, clean, metric, site="resid_pre", patches_per_forward=6)
+    n_layers = tiny_llama.cfg.n_layers
+    n_groups = -(-n_layers // layers_per_group)
+    assert fast.meta["n_forwards"] >= n_groups * min(groups_per_layer, 7)
+    torch.testing.assert_close(fast.values, slow.values, rtol=1e-4, atol=1e-5)
+
+
+def test_plan_chunks_cover_every_patch_once():
+    from tl_sinks.patching import _plan_chunks
+
+    rows = torch.tensor([(layer, pos) for layer in range(4) for pos in range(10)])
+    for h in (1, 2, 3, 4):
+        for g in (1, 3, 10):
+            plan = _plan_chunks(rows, 7, by_pos=True, n_pos=10, groups_per_layer=g, layers_per_group=h)
+            ids = torch.cat(plan)
+            assert sorted(ids.tolist()) == list(range(len(rows)))
+            assert all(len(c) <= 7 for c in plan)
+            # a pass never mixes layers from different groups
+            assert all(len(set((rows[c, 0] // h).tolist())) == 1 for c in plan)
+
+
 def test_layer_skipping_with_a_metric_site(tiny_llama, pair):
     clean, corrupted, _, _ = pair
     kw = dict(site="resid_pre", metric_site="blocks.1.attn.hook_pattern")

@@ -13,6 +13,7 @@ raises; :func:`hooked` adds a check that nothing was left behind.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+import weakref
 from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
 
@@ -75,8 +76,26 @@ class Accumulator(Protocol):
         ...
 
 
+_HOOK_POINTS: "weakref.WeakKeyDictionary[Any, tuple[int, list[Any]]]" = weakref.WeakKeyDictionary()
+
+
+def _hook_points(model: ModelLike) -> list[Any]:
+    """The model's distinct HookPoints, cached: the bridge's ``hook_dict`` rebuilds its aliases
+    on every access, which cost more than a small model's forward pass when done per call."""
+    registry = getattr(model, "_hook_registry", None)
+    key = len(registry) if isinstance(registry, dict) else -1
+    try:
+        cached = _HOOK_POINTS.get(model)
+    except TypeError:  # not weak-referenceable
+        return list(set(model.hook_dict.values()))
+    if cached is None or cached[0] != key or key == -1:
+        cached = (key, list(set(model.hook_dict.values())))
+        _HOOK_POINTS[model] = cached
+    return cached[1]
+
+
 def _n_hook_fns(model: ModelLike) -> int:
-    return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in set(model.hook_dict.values()))
+    return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in _hook_points(model))
 
 
 @contextmanager

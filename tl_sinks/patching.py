@@ -486,17 +486,21 @@ def forward_overhead(model: ModelLike) -> float:
     return _OVERHEAD[model]
 
 
-def _plan_chunks(rows: Tensor, k_max: int, *, by_pos: bool, n_pos: int, groups_per_layer: int) -> list[Tensor]:
+def _plan_chunks(
+    rows: Tensor, k_max: int, *, by_pos: bool, n_pos: int, groups_per_layer: int, layers_per_group: int = 1,
+) -> list[Tensor]:
     """Row ids of each forward pass.
 
-    Patches are grouped by layer (so a pass can skip the blocks before it) and, when positions
-    are reused, into ``groups_per_layer`` runs of consecutive positions (so a pass starts at its
-    first position); runs longer than ``k_max`` patches are split.
+    Patches are grouped into runs of ``layers_per_group`` consecutive layers (so a pass can skip
+    the blocks before its first layer) and, when positions are reused, into ``groups_per_layer``
+    runs of consecutive positions (so a pass starts at its first position); runs longer than
+    ``k_max`` patches are split.
     """
-    order = torch.argsort(rows[:, 0] * (n_pos + 1) + (rows[:, 1] if by_pos else 0), stable=True)
+    layer_group = rows[:, 0] // layers_per_group
+    order = torch.argsort(layer_group * (n_pos + 1) + (rows[:, 1] if by_pos else 0), stable=True)
     chunks: list[Tensor] = []
-    for layer in torch.unique(rows[order, 0]).tolist():
-        ids = order[rows[order, 0] == layer]
+    for lg in torch.unique(layer_group[order]).tolist():
+        ids = order[layer_group[order] == lg]
         if by_pos and groups_per_layer > 1:
             span = max(1, -(-n_pos // groups_per_layer))  # positions per run
             group = rows[ids, 1] // span
@@ -513,22 +517,26 @@ def _best_plan(
     metric_layer: int, overhead: float, per_row: float,
 ) -> list[Tensor]:
     """The chunking with the least estimated time: each pass costs ``overhead`` plus ``per_row``
-    for every (row, position, block) it computes; each new prefix start costs a pass too."""
+    for every (row, position, block) it computes; each new prefix start costs a pass too.
+    Fewer, larger passes save the fixed cost; finer ones skip more blocks and positions."""
     best: tuple[float, list[Tensor]] | None = None
-    for g in sorted({1, 2, 3, 4, 6, 8, 12, 16, n_pos}) if by_pos else [1]:
-        if g > n_pos:
-            continue
-        plan = _plan_chunks(rows, k_max, by_pos=by_pos, n_pos=n_pos, groups_per_layer=g)
-        cost, starts = 0.0, set()
-        for ids in plan:
-            p0 = int(rows[ids, 1].min()) if by_pos else 0
-            s0 = min(int(rows[ids, 0].min()), metric_layer) if skip else 0
-            cost += overhead + per_row * len(ids) * batch * (n_pos - p0) * (n_layers - s0)
-            if p0 > 0 and p0 not in starts:
-                starts.add(p0)
-                cost += overhead + per_row * batch * p0 * n_layers
-        if best is None or cost < best[0]:
-            best = (cost, plan)
+    pos_groups = sorted({1, 2, 3, 4, 6, 8, 12, 16, n_pos}) if by_pos else [1]
+    layer_groups = sorted({1, 2, 3, 4, 6, n_layers}) if skip else [n_layers]
+    for g in pos_groups:
+        for h in layer_groups:
+            if g > n_pos or h > n_layers:
+                continue
+            plan = _plan_chunks(rows, k_max, by_pos=by_pos, n_pos=n_pos, groups_per_layer=g, layers_per_group=h)
+            cost, starts = 0.0, set()
+            for ids in plan:
+                p0 = int(rows[ids, 1].min()) if by_pos else 0
+                s0 = min(int(rows[ids, 0].min()), metric_layer) if skip else 0
+                cost += overhead + per_row * len(ids) * batch * (n_pos - p0) * (n_layers - s0)
+                if p0 > 0 and p0 not in starts:
+                    starts.add(p0)
+                    cost += overhead + per_row * batch * p0 * n_layers
+            if best is None or cost < best[0]:
+                best = (cost, plan)
     assert best is not None
     return best[1]
 
