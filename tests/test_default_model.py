@@ -149,8 +149,9 @@ def test_plain_scaling_creates_no_sink(trace):
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "Not reproduced on the default model: its sink is keyed to the BOS token (test_the_sink_is_keyed_to_bos), so "
-    "making position p look like a first position does not make it a sink. Strict: a model that reproduces the "
+    "Not reproduced on the default model: its sink is keyed to the BOS token (test_the_sink_is_keyed_to_bos), and "
+    "the self-only mask makes p exactly a first token without BOS (test_self_only_mask_makes_p_a_first_token_"
+    "under_rotary_positions), on which this model puts no sink. Strict: a model that reproduces the "
     "paper turns this into a failure, and the assertion into a plain test."))
 def test_paper_interventions_create_a_sink_at_p(trace):
     base = _peak(trace, "none")

@@ -57,6 +57,23 @@ def test_self_only_mask_matches_reference_forward(tiny_llama, tiny_llama_dir):
     assert torch.allclose(ref[:4], plain[:4]) and not torch.allclose(ref[5:], plain[5:])
 
 
+def test_self_only_mask_makes_p_a_first_token_under_rotary_positions(tiny_llama):
+    # Rotary attention sees only relative positions, and a token that attends only to itself in
+    # every layer sees nothing else: its residual stream equals the same token's alone at
+    # position 0. So on a rotary model the mask turns p into a first token *without BOS*; it can
+    # create a sink at p only where the model sinks on such tokens (the default model does not).
+    prompt = random_prompts([10], seed=4)[0]
+    p = 6
+    names = [f"blocks.{layer}.hook_resid_post" for layer in range(tiny_llama.cfg.n_layers)]
+    with intervene(tiny_llama, SelfOnlyMask(pos=p)):
+        _, masked = tiny_llama.run_with_cache(torch.tensor([prompt]), names_filter=names)
+    _, alone = tiny_llama.run_with_cache(torch.tensor([prompt[p : p + 1]]), names_filter=names)
+    _, plain = tiny_llama.run_with_cache(torch.tensor([prompt]), names_filter=names)
+    for name in names:
+        torch.testing.assert_close(masked[name][0, p], alone[name][0, 0], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(plain[name][0, p], alone[name][0, 0], atol=1e-3)
+
+
 def test_self_only_mask_on_bert_uses_the_z_route(minilm):
     """HF BERT discards pattern edits; the z route must still make token p read only v[p]."""
     assert pattern_edits_apply(minilm) is False
