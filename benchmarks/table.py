@@ -32,14 +32,18 @@ def scan_rows() -> list[str]:
 
 
 def patching_rows() -> list[str]:
-    rows = ["| model, batch x seq | site | patches | transformer_lens | tl_sinks | speed-up | max abs diff | command |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| model, batch x seq | site | patches (unchanged, skipped) | transformer_lens | tl_sinks | speed-up "
+            "| every patch computed | max abs diff | command |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for f in sorted(RESULTS.glob("patching_speed_*.json")):
         d = json.loads(f.read_text())
         for r in d["results"]:
-            rows.append(f"| {Path(d['model']).name}, {d['batch_size']} x {d['seq_len']} | {r['site']} | {r['n_patches']} "
-                        f"| {r['transformer_lens_s']:.2f} s | {r['tl_sinks_s']:.2f} s | **{r['speedup']:.1f}x** | {r['max_abs_diff']:.1e} "
-                        f"| `{d.get('command', '')}` |")
+            every = (f"{r['tl_sinks_all_patches_s']:.2f} s, {r['speedup_all_patches']:.1f}x"
+                     if "tl_sinks_all_patches_s" in r else "")
+            rows.append(f"| {Path(d['model']).name}, {d['batch_size']} x {d['seq_len']} | {r['site']} "
+                        f"| {r['n_patches']} ({r.get('n_unchanged_skipped', 0)}) "
+                        f"| {r['transformer_lens_s']:.2f} s | {r['tl_sinks_s']:.2f} s | **{r['speedup']:.1f}x** | {every} "
+                        f"| {r['max_abs_diff']:.1e} | `{d.get('command', '')}` |")
     return rows
 
 

@@ -151,10 +151,14 @@ def test_prefix_reuse_is_refused_where_it_would_be_wrong(tiny_llama, pair):
 
 
 @pytest.mark.parametrize("site", ["resid_pre", "mlp_out", "v"])
-def test_layer_skipping_equals_full_forward_passes(tiny_llama, pair, site):
+def test_layer_skipping_equals_full_forward_passes(tiny_llama, pair, site, monkeypatch):
+    from tl_sinks import patching
+
     clean, corrupted, _, metric = pair
-    fast = patch_sweep(tiny_llama, corrupted, clean, metric, site=site)
-    slow = patch_sweep(tiny_llama, corrupted, clean, metric, site=site, skip_layers=False, reuse_prefix=False)
+    monkeypatch.setattr(patching, "forward_overhead", lambda model: 0.0)  # so the planner splits by layer
+    fast = patch_sweep(tiny_llama, corrupted, clean, metric, site=site, skip_unchanged=False)
+    slow = patch_sweep(tiny_llama, corrupted, clean, metric, site=site, skip_layers=False, reuse_prefix=False,
+                       skip_unchanged=False)
     assert fast.meta["layer_skip"] is True and fast.meta["block_rows_skipped"] > 0
     assert slow.meta["layer_skip"] is False and slow.meta["block_rows_skipped"] == 0
     torch.testing.assert_close(fast.values, slow.values, rtol=1e-4, atol=1e-5)
@@ -167,18 +171,43 @@ def test_every_chunking_plan_gives_the_same_numbers(tiny_llama, pair, monkeypatc
     from tl_sinks import patching
 
     clean, corrupted, _, metric = pair
-    slow = patch_sweep(tiny_llama, corrupted, clean, metric, site="resid_pre", skip_layers=False, reuse_prefix=False)
+    slow = patch_sweep(tiny_llama, corrupted, clean, metric, site="resid_pre", skip_layers=False, reuse_prefix=False,
+                       skip_unchanged=False)
 
     def forced(rows, k_max, *, by_pos, n_pos, **_):
         return patching._plan_chunks(rows, k_max, by_pos=by_pos, n_pos=n_pos, groups_per_layer=groups_per_layer,
                                      layers_per_group=layers_per_group)
 
     monkeypatch.setattr(patching, "_best_plan", forced)
-    fast = patch_sweep(tiny_llama, corrupted, clean, metric, site="resid_pre", patches_per_forward=6)
+    fast = patch_sweep(tiny_llama, corrupted, clean, metric, site="resid_pre", patches_per_forward=6, skip_unchanged=False)
     n_layers = tiny_llama.cfg.n_layers
     n_groups = -(-n_layers // layers_per_group)
     assert fast.meta["n_forwards"] >= n_groups * min(groups_per_layer, 7)
     torch.testing.assert_close(fast.values, slow.values, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("site", "all_pos"), [("resid_pre", False), ("z", False), ("v", True), ("post", False), ("mlp_out", True)])
+def test_unchanged_patches_are_skipped_exactly(tiny_llama, pair, site, all_pos):
+    clean, corrupted, _, metric = pair
+    fast = patch_sweep(tiny_llama, corrupted, clean, metric, site=site, all_pos=all_pos)
+    full = patch_sweep(tiny_llama, corrupted, clean, metric, site=site, all_pos=all_pos, skip_unchanged=False)
+    torch.testing.assert_close(fast.values, full.values, rtol=1e-4, atol=1e-5)
+    n = fast.meta["n_unchanged_skipped"]
+    assert full.meta["n_unchanged_skipped"] == 0
+    n_layers = tiny_llama.cfg.n_layers
+    per_pos = 1 if all_pos else fast.values[0, 0].numel() // fast.values.shape[-1]  # heads/neurons per position
+    # Expected from the causal structure alone: the corruption is at position 3 of 7, so every
+    # patch before it, at every layer, is a no-op; so is every other position of block 0's
+    # residual input (the embedding sees one token). Nothing else is.
+    if all_pos:
+        expected = 0
+    else:
+        expected = n_layers * 3 * per_pos + (3 if site == "resid_pre" else 0)
+    assert n == expected
+    # Another clean batch (prompts rolled) agrees with the corrupted one only at BOS.
+    other = torch.roll(clean, 1, dims=0)
+    r = patch_sweep(tiny_llama, corrupted, other, metric, site=site, all_pos=all_pos)
+    assert r.meta["n_unchanged_skipped"] == (0 if all_pos else n_layers * per_pos)
 
 
 def test_plan_chunks_cover_every_patch_once():

@@ -44,6 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -143,12 +144,8 @@ def _axis_sizes(site: str, info: Any, n_pos: int, all_pos: bool) -> dict[str, in
     return sizes
 
 
-def _get_clean(model: ModelLike, clean: Any, names: list[str], attention_mask: Tensor | None) -> dict[str, Tensor]:
-    if isinstance(clean, Tensor):
-        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-        with torch.no_grad():
-            _, cache = model.run_with_cache(clean, names_filter=names, **kwargs)
-        return {n: cache[n] for n in names}
+def _get_clean(model: ModelLike, clean: Any, names: list[str]) -> dict[str, Tensor]:
+    """The site's activations from a clean ``ActivationCache`` or mapping."""
     try:
         return {n: clean[n] for n in names}
     except KeyError as e:
@@ -182,6 +179,7 @@ def patch_sweep(
     progress: bool = False,
     reuse_prefix: bool | None = None,
     skip_layers: bool | None = None,
+    skip_unchanged: bool = True,
 ) -> PatchingResult:
     """Patch clean activations into a corrupted run, many patches per forward pass.
 
@@ -211,6 +209,10 @@ def patch_sweep(
             put back on exit). ``None`` (default) does so when the model's block list is found
             and its blocks return plain tensors; ``False`` never does. Exact up to float
             rounding.
+        skip_unchanged: A patch whose clean activation equals the corrupted run's bit for bit in
+            every prompt (e.g. every position before the first changed token, under a causal
+            mask) changes nothing: it gets the corrupted run's metric without a forward pass.
+            ``False`` runs it anyway.
 
     Returns:
         :class:`PatchingResult` with ``values [*axes, batch]``.
@@ -248,7 +250,6 @@ def patch_sweep(
     device = model_device(model)
     corrupted_tokens = corrupted_tokens.to(device)
     mask = None if attention_mask is None else attention_mask.to(device)
-    clean_acts = _get_clean(model, clean.to(device) if isinstance(clean, Tensor) else clean, names, mask)
     k_max = patches_per_forward or max(1, 64 // B)
     has_pos = "pos" in axes
     prefix_ok, why_not = _prefix_reuse_possible(info, has_pos, mask, metric_site)
@@ -282,22 +283,36 @@ def patch_sweep(
             out = model(inp, **kwargs)
         return seen["x"] if metric_site is not None else out
 
-    clean_value = per_copy(run(clean.to(device), [], 1), 1)[0] if isinstance(clean, Tensor) else torch.full((B,), float("nan"))
+    if isinstance(clean, Tensor):  # one pass gives the clean activations and the clean metric
+        with torch.no_grad():
+            clean_out, clean_acts = _run_and_cache(model, run, clean.to(device), names)
+        clean_value = per_copy(clean_out, 1)[0]
+    else:
+        clean_acts = _get_clean(model, clean, names)
+        clean_value = torch.full((B,), float("nan"))
     rows = torch.tensor(index.to_numpy(copy=True), dtype=torch.long)
     # The corrupted run: its output and, for skipping, the residual entering every block.
     resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(1, info.n_layers)] if skipper is not None else []
+    cache_names = list(dict.fromkeys(resid_names + (names if skip_unchanged else [])))
     overhead = forward_overhead(model)
     t0 = time.perf_counter()
     with torch.no_grad():
-        corrupted_out, corrupted_cache = _run_and_cache(model, run, corrupted_tokens, resid_names)
+        corrupted_out, corrupted_cache = _run_and_cache(model, run, corrupted_tokens, cache_names)
     per_row = max(time.perf_counter() - t0 - overhead, 0.0) / (B * P * info.n_layers)
-    plan = _best_plan(
-        rows, k_max, by_pos=use_prefix, n_pos=P, n_layers=info.n_layers, batch=B, skip=skipper is not None,
+    unchanged = (
+        _unchanged_rows(rows, clean_acts, corrupted_cache, template, has_extra=SITES[site][1] is not None, all_pos=all_pos)
+        if skip_unchanged else torch.zeros(len(rows), dtype=torch.bool)
+    )
+    todo = torch.nonzero(~unchanged).flatten()
+    plan_todo = _best_plan(
+        rows[todo], k_max, by_pos=use_prefix, n_pos=P, n_layers=info.n_layers, batch=B, skip=skipper is not None,
         metric_layer=metric_layer, overhead=overhead, per_row=per_row,
     )
+    plan = [todo[ids] for ids in plan_todo]
     corrupted_value = per_copy(corrupted_out, 1)[0]
     prefix_caches: dict[int, Any] = {}
     results = torch.empty(len(rows), B)
+    results[unchanged] = corrupted_value.cpu()
     extra = SITES[site][1]
     ar_b = torch.arange(B, device=device)
     n_skipped = 0
@@ -362,7 +377,7 @@ def patch_sweep(
               "patches_per_forward": k_max, "n_patches": len(rows), "model_name": info.model_name,
               "prefix_reuse": use_prefix, "prefix_reuse_unavailable": None if prefix_ok else why_not,
               "layer_skip": skipper is not None, "n_forwards": len(plan),
-              "block_rows_skipped": n_skipped},
+              "block_rows_skipped": n_skipped, "n_unchanged_skipped": int(unchanged.sum())},
     )
 
 
@@ -454,6 +469,29 @@ def _blocks_return_tensors(model: ModelLike, block: torch.nn.Module) -> bool:
     return bool(out) and out[0] is Tensor
 
 
+def _unchanged_rows(
+    rows: Tensor, clean_acts: dict[str, Tensor], corrupted_acts: dict[str, Tensor], template: str, *,
+    has_extra: bool, all_pos: bool,
+) -> Tensor:
+    """Which patches copy a clean activation equal, bit for bit and in every prompt, to the
+    corrupted one (so they change nothing). Rows are ``layer, [pos], [head/neuron]``."""
+    flags = torch.zeros(len(rows), dtype=torch.bool)
+    for layer in torch.unique(rows[:, 0]).tolist():
+        name = template.format(l=layer)
+        clean, corrupted = clean_acts.get(name), corrupted_acts.get(name)
+        if clean is None or corrupted is None or clean.shape != corrupted.shape:
+            continue
+        eq = (clean.to(corrupted.dtype) == corrupted).all(0)  # over prompts: [pos, ...]
+        if all_pos:
+            eq = eq.all(0)  # [...]
+        lead = int(not all_pos) + int(has_extra)  # the patched axes
+        eq = eq.flatten(lead).all(-1) if eq.ndim > lead else eq
+        sel = rows[:, 0] == layer
+        idx = tuple(rows[sel, 1 + i] for i in range(lead))
+        flags[sel] = eq.cpu()[idx] if lead else eq.cpu().expand(int(sel.sum()))
+    return flags
+
+
 def _layer_of(hook_name: str | None, n_layers: int) -> int:
     """Block index of a hook name (``n_layers`` for hooks after the blocks or no hook)."""
     if hook_name is None or not hook_name.startswith("blocks."):
@@ -486,6 +524,23 @@ def forward_overhead(model: ModelLike) -> float:
     return _OVERHEAD[model]
 
 
+def _chunk_starts(
+    layer: np.ndarray, pos: np.ndarray, k_max: int, *, by_pos: bool, n_pos: int, groups_per_layer: int,
+    layers_per_group: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The row order of a plan and where each forward pass starts in it (see :func:`_plan_chunks`)."""
+    n = len(layer)
+    lg = layer // layers_per_group
+    span = max(1, -(-n_pos // groups_per_layer))  # positions per run
+    pg = pos // span if by_pos and groups_per_layer > 1 else np.zeros_like(pos)
+    order = np.lexsort((pos if by_pos else np.zeros_like(pos), pg, lg))  # the last key sorts first
+    key = lg[order] * (n_pos + 1) + pg[order]
+    new_group = np.r_[True, key[1:] != key[:-1]] if n else np.zeros(0, bool)
+    group_start = np.flatnonzero(new_group)[np.cumsum(new_group) - 1]
+    rank = np.arange(n) - group_start
+    return order, np.flatnonzero(rank % k_max == 0)
+
+
 def _plan_chunks(
     rows: Tensor, k_max: int, *, by_pos: bool, n_pos: int, groups_per_layer: int, layers_per_group: int = 1,
 ) -> list[Tensor]:
@@ -496,20 +551,11 @@ def _plan_chunks(
     runs of consecutive positions (so a pass starts at its first position); runs longer than
     ``k_max`` patches are split.
     """
-    layer_group = rows[:, 0] // layers_per_group
-    order = torch.argsort(layer_group * (n_pos + 1) + (rows[:, 1] if by_pos else 0), stable=True)
-    chunks: list[Tensor] = []
-    for lg in torch.unique(layer_group[order]).tolist():
-        ids = order[layer_group[order] == lg]
-        if by_pos and groups_per_layer > 1:
-            span = max(1, -(-n_pos // groups_per_layer))  # positions per run
-            group = rows[ids, 1] // span
-            runs = [ids[group == g] for g in torch.unique(group).tolist()]
-        else:
-            runs = [ids]
-        for r in runs:
-            chunks += [r[i : i + k_max] for i in range(0, len(r), k_max)]
-    return chunks
+    r = rows.numpy()
+    pos = r[:, 1] if by_pos else np.zeros(len(r), dtype=r.dtype)
+    order, starts = _chunk_starts(r[:, 0], pos, k_max, by_pos=by_pos, n_pos=n_pos, groups_per_layer=groups_per_layer,
+                                  layers_per_group=layers_per_group)
+    return [torch.from_numpy(c) for c in np.split(order, starts[1:])] if len(order) else []
 
 
 def _best_plan(
@@ -519,26 +565,28 @@ def _best_plan(
     """The chunking with the least estimated time: each pass costs ``overhead`` plus ``per_row``
     for every (row, position, block) it computes; each new prefix start costs a pass too.
     Fewer, larger passes save the fixed cost; finer ones skip more blocks and positions."""
-    best: tuple[float, list[Tensor]] | None = None
-    pos_groups = sorted({1, 2, 3, 4, 6, 8, 12, 16, n_pos}) if by_pos else [1]
-    layer_groups = sorted({1, 2, 3, 4, 6, n_layers}) if skip else [n_layers]
-    for g in pos_groups:
-        for h in layer_groups:
+    if not len(rows):
+        return []
+    r = rows.numpy()
+    layer = r[:, 0]
+    pos = r[:, 1] if by_pos else np.zeros(len(r), dtype=r.dtype)
+    best: tuple[float, int, int] | None = None
+    for g in sorted({1, 2, 3, 4, 6, 8, 12, 16, n_pos}) if by_pos else [1]:
+        for h in sorted({1, 2, 3, 4, 6, n_layers}) if skip else [n_layers]:
             if g > n_pos or h > n_layers:
                 continue
-            plan = _plan_chunks(rows, k_max, by_pos=by_pos, n_pos=n_pos, groups_per_layer=g, layers_per_group=h)
-            cost, starts = 0.0, set()
-            for ids in plan:
-                p0 = int(rows[ids, 1].min()) if by_pos else 0
-                s0 = min(int(rows[ids, 0].min()), metric_layer) if skip else 0
-                cost += overhead + per_row * len(ids) * batch * (n_pos - p0) * (n_layers - s0)
-                if p0 > 0 and p0 not in starts:
-                    starts.add(p0)
-                    cost += overhead + per_row * batch * p0 * n_layers
+            order, starts = _chunk_starts(layer, pos, k_max, by_pos=by_pos, n_pos=n_pos, groups_per_layer=g, layers_per_group=h)
+            sizes = np.diff(np.r_[starts, len(order)])
+            p0 = pos[order][starts]
+            s0 = np.minimum(np.minimum.reduceat(layer[order], starts), metric_layer) if skip else np.zeros_like(p0)
+            cost = len(starts) * overhead + per_row * batch * float((sizes * (n_pos - p0) * (n_layers - s0)).sum())
+            new_p0 = np.unique(p0[p0 > 0])  # each start position needs its prefix cache
+            cost += len(new_p0) * overhead + per_row * batch * n_layers * float(new_p0.sum())
             if best is None or cost < best[0]:
-                best = (cost, plan)
+                best = (cost, g, h)
     assert best is not None
-    return best[1]
+    return _plan_chunks(rows, k_max, by_pos=by_pos, n_pos=n_pos, groups_per_layer=best[1], layers_per_group=best[2])
+
 
 def get_act_patch_sink_resid_pre(model: ModelLike, corrupted_tokens: Tensor, clean: Any, metric: PerPromptMetric, **kw: Any) -> PatchingResult:
     """Patch ``hook_resid_pre`` by layer and position (batched :func:`patch_sweep`)."""
