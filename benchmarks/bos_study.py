@@ -13,9 +13,12 @@ paper's mechanism). This study trains :data:`tl_sinks.train.default_model.RECIPE
 
 The same measurements of the shipped default model (BOS) sit beside them in the JSON.
 
-Usage (about 35 minutes on 2 CPU cores for 3000 steps)::
+Usage (3000 steps: about an hour on 2 CPU cores; 8000 steps, the recipe's length: about two)::
 
     python benchmarks/bos_study.py --steps 3000 --out runs/no_bos
+    python benchmarks/bos_study.py --steps 8000 --out runs/no_bos_8k --results benchmarks/results/bos_study_8000.json
+
+Training resumes from ``--out``'s checkpoint when interrupted.
 
 Writes ``benchmarks/results/bos_study.json``.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,6 +47,24 @@ def chain(model, prompts, *, require_bos: bool, pos: int, lambdas) -> dict:
         "peak_received_at_pos": t.peak_received().to_dict("records"),
         "pos": pos,
     }
+
+
+def attention_by_layer(model, prompts, *, pos: int, lam: float) -> dict:
+    """Per layer: attention received by position 0 untouched, and by ``pos`` untouched, under the
+    self-only mask, under deviation amplification and under plain scaling (``lam``)."""
+    from tl_sinks.interventions import AmplifyDeviation, ScaleOutput, SelfOnlyMask
+    from tl_sinks.trace import attention_to
+
+    def at(p, iv):
+        rec, rate = attention_to(model, prompts, p, interventions=iv, require_bos=False, progress=False, batch_size=16)
+        return [round(float(x), 4) for x in rec], [round(float(x), 3) for x in rate]
+
+    out = {}
+    out["recv_pos0_untouched"], out["rate_pos0_untouched"] = at(0, [])
+    for name, iv in [("none", []), ("self_only_mask", [SelfOnlyMask(pos=pos)]),
+                     (f"amplify_{lam:g}", [AmplifyDeviation(pos=pos, lam=lam)]), (f"scale_{lam:g}", [ScaleOutput(pos=pos, lam=lam)])]:
+        out[f"recv_pos{pos}_{name}"], out[f"rate_pos{pos}_{name}"] = at(pos, iv)
+    return out
 
 
 def main() -> None:
@@ -70,10 +92,12 @@ def main() -> None:
     windows = card_prompts(trained.tokenizer)
     default = tl_sinks.load_model("default", device="cpu")
     result = {
+        "command": "python benchmarks/bos_study.py " + " ".join(sys.argv[1:]),
         "config": cfg.to_dict(),
         "final_val_loss": json.loads((model_dir / "training.json").read_text())["final_val_loss"],
         "prompts": "the default model card's held-out windows, without BOS (127 tokens)",
         "no_bos_model": chain(trained, windows[:, 1:], require_bos=False, pos=args.pos, lambdas=lambdas),
+        "no_bos_model_attention_by_layer": attention_by_layer(trained, windows[:, 1:], pos=args.pos, lam=30.0),
         "default_model_without_bos": chain(default, windows[:, 1:], require_bos=False, pos=args.pos, lambdas=lambdas),
         "default_model_with_bos": chain(default, windows, require_bos=True, pos=args.pos + 1, lambdas=lambdas),
     }
