@@ -12,8 +12,8 @@ raises; :func:`hooked` adds a check that nothing was left behind.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
 

@@ -144,7 +144,7 @@ def _axis_sizes(site: str, info: Any, n_pos: int, all_pos: bool) -> dict[str, in
     return sizes
 
 
-def _get_clean(model: ModelLike, clean: Any, names: list[str]) -> dict[str, Tensor]:
+def _get_clean(clean: Any, names: list[str]) -> dict[str, Tensor]:
     """The site's activations from a clean ``ActivationCache`` or mapping."""
     try:
         return {n: clean[n] for n in names}
@@ -288,7 +288,7 @@ def patch_sweep(
             clean_out, clean_acts = _run_and_cache(model, run, clean.to(device), names)
         clean_value = per_copy(clean_out, 1)[0]
     else:
-        clean_acts = _get_clean(model, clean, names)
+        clean_acts = _get_clean(clean, names)
         clean_value = torch.full((B,), float("nan"))
     rows = torch.tensor(index.to_numpy(copy=True), dtype=torch.long)
     # The corrupted run: its output and, for skipping, the residual entering every block.
@@ -541,6 +541,11 @@ def _chunk_starts(
     return order, np.flatnonzero(rank % k_max == 0)
 
 
+def _split(order: np.ndarray, starts: np.ndarray) -> list[Tensor]:
+    """Row ids of each forward pass, from a plan's row order and pass starts."""
+    return [torch.from_numpy(c) for c in np.split(order, starts[1:])] if len(order) else []
+
+
 def _plan_chunks(
     rows: Tensor, k_max: int, *, by_pos: bool, n_pos: int, groups_per_layer: int, layers_per_group: int = 1,
 ) -> list[Tensor]:
@@ -553,9 +558,8 @@ def _plan_chunks(
     """
     r = rows.numpy()
     pos = r[:, 1] if by_pos else np.zeros(len(r), dtype=r.dtype)
-    order, starts = _chunk_starts(r[:, 0], pos, k_max, by_pos=by_pos, n_pos=n_pos, groups_per_layer=groups_per_layer,
-                                  layers_per_group=layers_per_group)
-    return [torch.from_numpy(c) for c in np.split(order, starts[1:])] if len(order) else []
+    return _split(*_chunk_starts(r[:, 0], pos, k_max, by_pos=by_pos, n_pos=n_pos, groups_per_layer=groups_per_layer,
+                                 layers_per_group=layers_per_group))
 
 
 def _best_plan(
@@ -570,7 +574,7 @@ def _best_plan(
     r = rows.numpy()
     layer = r[:, 0]
     pos = r[:, 1] if by_pos else np.zeros(len(r), dtype=r.dtype)
-    best: tuple[float, int, int] | None = None
+    best: tuple[float, np.ndarray, np.ndarray] | None = None
     for g in sorted({1, 2, 3, 4, 6, 8, 12, 16, n_pos}) if by_pos else [1]:
         for h in sorted({1, 2, 3, 4, 6, n_layers}) if skip else [n_layers]:
             if g > n_pos or h > n_layers:
@@ -583,9 +587,9 @@ def _best_plan(
             new_p0 = np.unique(p0[p0 > 0])  # each start position needs its prefix cache
             cost += len(new_p0) * overhead + per_row * batch * n_layers * float(new_p0.sum())
             if best is None or cost < best[0]:
-                best = (cost, g, h)
+                best = (cost, order, starts)
     assert best is not None
-    return _plan_chunks(rows, k_max, by_pos=by_pos, n_pos=n_pos, groups_per_layer=best[1], layers_per_group=best[2])
+    return _split(best[1], best[2])
 
 
 def get_act_patch_sink_resid_pre(model: ModelLike, corrupted_tokens: Tensor, clean: Any, metric: PerPromptMetric, **kw: Any) -> PatchingResult:
