@@ -9,3 +9,8 @@ class UnsupportedModelError(NotImplementedError):
 
 class NonFiniteActivationError(ValueError):
     """An activation the analysis reads holds NaN or inf."""
+
+
+class ModelLoadError(ValueError):
+    """A model's files are missing, broken or inconsistent (config vs weights, corrupt weights,
+    no tokenizer): the message names the file."""
