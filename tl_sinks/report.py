@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from tl_sinks._compat import inspect_model, model_device
+from tl_sinks._io import atomic_write_text
 from tl_sinks._types import ModelLike
 from tl_sinks.results import meta_html
 from tl_sinks.scan import ScanResult, builtin_prompts, scan
@@ -118,7 +119,7 @@ def build_report(
     parts.append(f"<h1>{html.escape(title)}</h1>")
     parts.append(f"<p class='note'>{html.escape(info.architecture)}, {'causal' if info.causal else 'bidirectional'} attention, "
                  f"{'post' if info.post_ln else 'pre'}-LN, {info.n_layers} layers x {info.n_heads} heads; "
-                 f"{result.meta.get('n_prompts')} prompts, {result.meta.get('n_tokens')} tokens. Generated "
+                 f"{html.escape(str(result.meta.get('n_prompts')))} prompts, {html.escape(str(result.meta.get('n_tokens')))} tokens. Generated "
                  f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC} by tl_sinks.</p>")
     parts.append("<h2>Findings</h2><pre>" + html.escape(result.report()) + "</pre>")
     if result.sinks is not None:
@@ -160,7 +161,6 @@ def build_report(
 
 
 def write_report(model: ModelLike, out: str | Path, prompts: Any = None, **kw: Any) -> Path:
-    """Write :func:`build_report` to ``out``."""
-    p = Path(out)
-    p.write_text(build_report(model, prompts, **kw), encoding="utf-8")
-    return p
+    """Write :func:`build_report` to ``out`` atomically: an existing file is replaced only once
+    the whole page is on disk (see :mod:`tl_sinks._io`)."""
+    return atomic_write_text(Path(out), build_report(model, prompts, **kw))

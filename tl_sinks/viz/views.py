@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +24,47 @@ from uuid import uuid4
 
 import torch
 from torch import Tensor
+
+from tl_sinks._io import atomic_write_text
+
+# Inside <script> the HTML parser ends the element at the first "</script" whatever the JS means,
+# and "<!--" changes how it looks for that end; U+2028/U+2029 end a JS line in older engines.
+_SCRIPT_UNSAFE = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_SCRIPT_UNSAFE_RE = re.compile("[<>&\u2028\u2029]")
+
+# Props that circuitsvis puts into the page as markup (React's dangerouslySetInnerHTML), not as
+# text: a token such as "<img/src/onerror=...>" would run. They are sent html-escaped, which the
+# widget shows as the original characters.
+_HTML_PROPS: dict[str, tuple[str, ...]] = {
+    "ColoredTokens": ("tokens",),
+    "ColoredTokensMulti": ("tokens",),
+    "TextNeuronActivations": ("tokens",),
+}
+
+
+def script_json(obj: Any) -> str:
+    """JSON that is safe to put inside an HTML ``<script>`` element.
+
+    ``<``, ``>``, ``&``, U+2028 and U+2029 become ``\\u003c``, ``\\u003e``, ``\\u0026``,
+    ``\\u2028`` and ``\\u2029``: the same value to a JSON or JavaScript parser, but no token
+    string can close the element (``</script>``) or open a comment in it.
+
+    Args:
+        obj: A JSON-serialisable value (tensors and arrays must already be lists).
+
+    Returns:
+        The JSON text.
+    """
+    return _SCRIPT_UNSAFE_RE.sub(lambda m: _SCRIPT_UNSAFE[m.group()], json.dumps(obj))
+
+
+def _escape_markup(x: Any) -> Any:
+    """``html.escape`` every string in ``x`` (a string or nested lists of them)."""
+    if isinstance(x, str):
+        return html.escape(x, quote=False)
+    if isinstance(x, (list, tuple)):
+        return [_escape_markup(v) for v in x]
+    return x
 
 
 @lru_cache(maxsize=1)
@@ -33,23 +75,36 @@ def circuitsvis_bundle() -> str:
     path = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
     if not path.is_file():  # pragma: no cover - a broken circuitsvis install
         raise FileNotFoundError(f"circuitsvis bundle not found at {path}; reinstall circuitsvis")
-    return path.read_text(encoding="utf-8").replace("</script>", "")
+    # "</script" would end the inline <script>; "<\/script" means the same inside JS strings.
+    return re.sub(r"</(script)", r"<\\/\1", path.read_text(encoding="utf-8"), flags=re.IGNORECASE)
 
 
 class OfflineView:
     """A circuitsvis element rendered from the local bundle.
 
+    Any strings are safe in ``props``: the page receives them as :func:`script_json`, and those
+    that circuitsvis renders as markup (the token strings of ``ColoredTokens``,
+    ``ColoredTokensMulti`` and ``TextNeuronActivations``) html-escaped.
+
     Attributes:
         element: The circuitsvis React element, e.g. ``"AttentionHeads"``.
-        props: Its properties (JSON-serialisable).
+        props: Its properties (JSON-serialisable), as given.
     """
 
     def __init__(self, element: str, props: dict[str, Any]) -> None:
-        from circuitsvis.utils.convert_props import convert_props
+        from circuitsvis.utils.convert_props import convert_prop_type
 
+        if not element.isidentifier():  # it is written into the page's JavaScript as a name
+            raise ValueError(f"element must be a circuitsvis component name, got {element!r}")
         self.element = element
         self.props = props
-        self._props_js = convert_props(props)
+        # circuitsvis' convert_props, made safe inside <script> and, for props circuitsvis
+        # renders as markup, as HTML: token strings come from the tokenizer, i.e. from the model's files.
+        sent = {k: convert_prop_type(v) for k, v in props.items() if v is not None}
+        for k in _HTML_PROPS.get(element, ()):
+            if k in sent:
+                sent[k] = _escape_markup(sent[k])
+        self._props_js = script_json(sent)
         self.uid = "tl-sinks-cv-" + uuid4().hex[:12]
 
     def fragment(self) -> str:
@@ -72,9 +127,8 @@ class OfflineView:
 
     def save(self, path: str | Path) -> Path:
         """Write a standalone HTML page."""
-        p = Path(path)
-        p.write_text(f"<!doctype html><html><head><meta charset='utf-8'></head><body>{self.local_src}</body></html>", encoding="utf-8")
-        return p
+        page = f"<!doctype html><html><head><meta charset='utf-8'></head><body>{self.local_src}</body></html>"
+        return atomic_write_text(Path(path), page)
 
 
 def _label(tok: str) -> str:
@@ -146,5 +200,9 @@ def show_neuron_activations(str_tokens: Sequence[str], activations: Tensor, *, n
 
 
 def props_json(view: OfflineView) -> str:
-    """The view's properties as JSON (what the browser receives), for tests and debugging."""
-    return json.dumps(view.props)
+    """The view's properties as the JSON embedded in the page, for tests and debugging.
+
+    ``json.loads`` gives back ``view.props``, except that the props circuitsvis renders as markup
+    hold html-escaped strings (``html.unescape`` gives back the originals).
+    """
+    return view._props_js
