@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from tl_sinks._io import atomic_write, atomic_write_text
 from tl_sinks.train.trainer import TrainConfig, sample_batch
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "default_model"
@@ -84,14 +85,14 @@ def install(model_dir: str | Path, run_dir: str | Path | None = None) -> Path:
     run = Path(run_dir) if run_dir is not None else src.parent
     if (run / "log.json").is_file():
         log = json.loads((run / "log.json").read_text())
-        (dest / "loss_curve.json").write_text(json.dumps({"train": log["train"][::10], "val": log["val"]}))
+        atomic_write_text(dest / "loss_curve.json", json.dumps({"train": log["train"][::10], "val": log["val"]}))
         training.setdefault("seconds", log.get("seconds"))
-    (dest / "training.json").write_text(json.dumps(training, indent=2))
+    atomic_write_text(dest / "training.json", json.dumps(training, indent=2))
     import numpy as np
 
     # A slice of the held-out token stream, so the card's prompts are reproducible offline.
     val = np.load(run / "data" / "val.npy")
-    np.save(dest / "val_sample.npy", val[:20000])
+    atomic_write(dest / "val_sample.npy", lambda f: np.save(f, val[:20000]))
     return dest
 
 
@@ -268,7 +269,7 @@ def write_card(numbers: dict[str, Any], dest: Path = DEFAULT_MODEL_DIR) -> Path:
         "language model.",
     ]
     path = dest / "MODEL_CARD.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         print(install(args.model_dir))
     else:
         numbers = json.loads(json.dumps(measure(args.path), default=str))
-        (DEFAULT_MODEL_DIR / "chain.json").write_text(json.dumps(numbers, indent=2))
+        atomic_write_text(DEFAULT_MODEL_DIR / "chain.json", json.dumps(numbers, indent=2))
         print(write_card(numbers))
         for key in ("heldout", "builtin"):
             print(key, json.dumps(numbers[key]["summary"], indent=2))

@@ -21,6 +21,9 @@ import dataclasses
 import json
 import math
 import os
+import pickle
+import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tl_sinks._io import atomic_write, atomic_write_text
 from tl_sinks.train.corpus import DEFAULT_PACKAGES, build_corpus
 
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<s>", "</s>", "<pad>"
@@ -192,14 +196,14 @@ def prepare_data(cfg: TrainConfig, data_dir: Path, *, progress: bool = True) -> 
         tokenizer = train_tokenizer(train_docs, cfg.vocab_size)
         tokenizer.save_pretrained(data_dir / "tokenizer")
         train_ids, val_ids = _encode_stream(tokenizer, train_docs), _encode_stream(tokenizer, val_docs)
-        np.save(data_dir / "train.npy", train_ids)
-        np.save(data_dir / "val.npy", val_ids)
+        atomic_write(data_dir / "train.npy", lambda f: np.save(f, train_ids))
+        atomic_write(data_dir / "val.npy", lambda f: np.save(f, val_ids))
         manifest = corpus.manifest | {
             "train_documents": len(train_docs), "val_documents": len(val_docs),
             "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids)),
         }
-        (data_dir / "corpus_manifest.json").write_text(json.dumps(manifest, indent=2))
-        key_file.write_text(json.dumps(cfg.data_key()))
+        atomic_write_text(data_dir / "corpus_manifest.json", json.dumps(manifest, indent=2))
+        atomic_write_text(key_file, json.dumps(cfg.data_key()))  # last: it marks the data complete
     train_ids = np.load(data_dir / "train.npy", mmap_mode="r")
     val_ids = np.load(data_dir / "val.npy", mmap_mode="r")
     for name, ids in (("train", train_ids), ("validation", val_ids)):
@@ -335,13 +339,13 @@ def train(
     step, log = 0, {"config": cfg.to_dict(), "corpus": data["manifest"], "train": [], "val": []}
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=cfg.device, weights_only=False)
+        state = _load_checkpoint(ckpt, cfg.device)
         if state["config"] != cfg.to_dict():
             raise ValueError(f"{ckpt} was written with a different config; use another out_dir or resume=False")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
+        _set_rng_states(state)
         step, log = state["step"], state["log"]
     model.train()
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
@@ -373,24 +377,79 @@ def train(
         bar.close()
     log.setdefault("seconds", 0.0)
     log["seconds"] += time.perf_counter() - t0
-    (out / "log.json").write_text(json.dumps(log))
+    atomic_write_text(out / "log.json", json.dumps(log))
     model_dir = out / "model"
     if step >= cfg.steps:
         model.eval()
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
-        (model_dir / "training.json").write_text(
+        atomic_write_text(
+            model_dir / "training.json",
             json.dumps({"config": cfg.to_dict(), "corpus": data["manifest"], "final_val_loss": log["val"][-1][1] if log["val"] else None,
                         "steps": step, "tokens_seen": step * cfg.batch_size * cfg.seq_len, "seconds": log["seconds"]}, indent=2)
         )
     return model_dir
 
 
+# What a checkpoint must hold; torch.load(weights_only=True) admits only tensors and plain data.
+_CHECKPOINT_KEYS = ("model", "optimizer", "sampler", "torch_rng", "step", "log", "config")
+
+
+def _rng_states() -> dict[str, Any]:
+    """Global RNG states as tensors and plain lists/ints (loadable with ``weights_only=True``)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": {"version": version, "state": list(mt), "gauss_next": gauss},
+        "numpy_rng": {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached)},
+    }
+
+
+def _set_rng_states(state: dict[str, Any]) -> None:
+    """Restore :func:`_rng_states` (checkpoints from before numpy/python states lack them)."""
+    torch.set_rng_state(state["torch_rng"])
+    if (py := state.get("python_rng")) is not None:
+        random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    if (npr := state.get("numpy_rng")) is not None:
+        np.random.set_state((npr["name"], np.asarray(npr["keys"], dtype=np.uint32), npr["pos"], npr["has_gauss"],
+                             npr["cached_gaussian"]))
+
+
+def _first_line(e: BaseException, pattern: str | None = None) -> str:
+    """A one-line summary of a (multi-line) torch.load error: the line matching ``pattern``."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if pattern is not None:
+        lines = [line for line in lines if re.search(pattern, line, flags=re.IGNORECASE)] or lines
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+def _load_checkpoint(path: Path, device: str) -> dict[str, Any]:
+    """Load ``checkpoint.pt`` without running code from it.
+
+    Raises:
+        ValueError: One line naming the file: it holds pickled objects other than tensors and
+            plain data (which ``weights_only=False`` would execute), is unreadable, or lacks
+            the entries a tl_sinks checkpoint has.
+    """
+    hint = "delete it or train with resume=False"
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = _first_line(e, r"unsupported|blocked")
+        raise ValueError(f"{path}: refusing to load a checkpoint that holds more than tensors and plain data, "
+                         f"since unpickling it could run code ({detail}); {hint}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint, truncated or corrupt ({_first_line(e)}); {hint}") from None
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path}: not a tl_sinks checkpoint (no {', '.join(missing)}); {hint}")
+    return state
+
+
 def _save_checkpoint(path: Path, model, opt, gen, step, log, cfg) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {"model": model.state_dict(), "optimizer": opt.state_dict(), "sampler": gen.get_state(),
-         "torch_rng": torch.get_rng_state(), "step": step, "log": log, "config": cfg.to_dict()},
-        tmp,
-    )
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "sampler": gen.get_state(),
+             **_rng_states(), "step": step, "log": log, "config": cfg.to_dict()}
+    # Atomic: a crash or a full disk never leaves a half-written checkpoint.
+    atomic_write(path, lambda f: torch.save(state, f))
