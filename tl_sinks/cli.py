@@ -6,17 +6,61 @@
   self-contained HTML report that renders offline.
 
 Without ``--model`` both analyse the embedded default model (offline) on the built-in prompts.
+
+A prompts file is UTF-8 text (a leading byte-order mark is ignored), one prompt per line; blank
+lines and lines starting with ``#`` are skipped, as in the built-in prompts. The output paths
+(``--json``, ``--out``) are checked before anything is computed, and written atomically: an
+existing file is replaced only once the new one is complete.
+
+Every error is one line on stderr, ``tl-sinks: error: ...``, and the exit code says what failed:
+
+====  ========================================================================================
+code  meaning
+====  ========================================================================================
+0     success
+2     bad argument or input file: a usage error, an unusable output path (missing or
+      unwritable directory, a directory, the prompts file, inside the model directory), an
+      unreadable prompts file, an unknown or unavailable ``--device``
+3     the model could not be loaded (not found, or broken or inconsistent files)
+4     the analysis refused the input (e.g. position 0 is not BOS; an unsupported model)
+130   interrupted (Ctrl-C)
+====  ========================================================================================
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tl_sinks._io import atomic_write_text
+
+EXIT_OK, EXIT_USAGE, EXIT_MODEL, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+
+_EXIT_CODES = """exit codes:
+  0    success
+  2    bad argument or input file (usage, output path, prompts file, --device)
+  3    the model could not be loaded
+  4    the analysis refused the input (e.g. position 0 is not BOS)
+  130  interrupted"""
+
+
+class CliError(Exception):
+    """An error reported as one line, ``tl-sinks: error: <message>``, with exit code ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _one_line(e: BaseException) -> str:
+    """The exception's message on one line (some libraries raise multi-line messages)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _jsonable(x: Any) -> Any:
@@ -33,75 +77,216 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
+# --------------------------------------------------------------------------- input checks
 def _read_prompts(path: str) -> list[str]:
+    """Prompts of a UTF-8 text file, one a line; skips blank lines and ``#`` comments.
+
+    Raises:
+        CliError: The file is missing, unreadable, binary, not UTF-8, or holds no prompt.
+    """
     p = Path(path)
     if not p.is_file():
-        raise SystemExit(f"tl-sinks: --prompts {path}: no such file")
-    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise CliError(f"--prompts {path}: " + ("is a directory" if p.is_dir() else "no such file"))
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise CliError(f"--prompts {path}: cannot read it ({e.strerror or e})") from None
+    if b"\x00" in data:
+        raise CliError(f"--prompts {path}: looks like a binary file (it holds NUL bytes); pass a UTF-8 text file")
+    try:
+        text = data.decode("utf-8-sig")  # -sig: a byte-order mark is not part of prompt 0
+    except UnicodeDecodeError as e:
+        raise CliError(f"--prompts {path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                       "save it as UTF-8") from None
+    # The same rule as tl_sinks.scan.builtin_prompts: '#' in the first column starts a comment.
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not prompts:
-        raise SystemExit(f"tl-sinks: --prompts {path}: the file has no non-empty lines")
+        raise CliError(f"--prompts {path}: the file has no prompts (only blank lines or # comments)")
     return prompts
 
 
+def _check_device(device: str | None) -> None:
+    """Refuse a ``--device`` torch does not know or this machine does not have."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CliError(f"--device {device}: not a device torch knows (try cpu, cuda or cuda:0)") from None
+    if dev.type == "cpu":
+        return
+    backend = getattr(torch, dev.type, None)
+    if dev.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+    is_available = getattr(backend, "is_available", None)
+    if is_available is None or not is_available():
+        raise CliError(f"--device {device}: no {dev.type} device is available on this machine")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and count is not None and dev.index >= count():
+        raise CliError(f"--device {device}: this machine has {count()} {dev.type} device(s)")
+
+
+def _model_dirs(model: str) -> list[Path]:
+    """Directories an output must not be written into: the model's own and the shipped default."""
+    from tl_sinks.loading import OFFLINE_ALIASES
+    from tl_sinks.train.default_model import DEFAULT_MODEL_DIR
+
+    dirs = [DEFAULT_MODEL_DIR]
+    p = Path(model).expanduser()
+    if p.is_dir():
+        dirs.append(p)
+    elif not p.exists() and model in OFFLINE_ALIASES:
+        try:
+            dirs.append(Path(OFFLINE_ALIASES[model]()))
+        except Exception:  # noqa: BLE001 - a missing alias package is reported when the model loads
+            pass
+    return [Path(os.path.realpath(d)) for d in dirs]
+
+
+def _check_writable_dir(flag: str, path: str, parent: Path) -> None:
+    if not parent.is_dir():
+        raise CliError(f"{flag} {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"{flag} {path}: the directory {parent} is not writable")
+    # os.access says yes to root everywhere: try to create a file (read-only mounts, /proc).
+    probe = parent / f".tl-sinks-probe-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        raise CliError(f"{flag} {path}: cannot create files in {parent} ({e.strerror or e})") from None
+
+
+def _check_output(flag: str, path: str, *, inputs: dict[str, str], model_dirs: list[Path]) -> None:
+    """Refuse an output path that cannot or must not be written, before any computation.
+
+    Args:
+        flag: The argument's name, e.g. ``"--json"``.
+        path: Its value.
+        inputs: Input files by argument name (``{"--prompts": ...}``); the output must be none.
+        model_dirs: Directories (resolved) the output must not be inside.
+
+    Raises:
+        CliError: One line naming the argument.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise CliError(f"{flag} {path}: is a directory; pass a file path")
+    resolved = Path(os.path.realpath(p))
+    for name, inp in inputs.items():
+        if p.exists() and Path(inp).exists() and os.path.samefile(p, inp):  # links and hard links too
+            raise CliError(f"{flag} {path}: is the {name} file; writing it would destroy the input")
+    for d in model_dirs:
+        if resolved.is_relative_to(d):
+            raise CliError(f"{flag} {path}: is inside the model directory {d}; write the output elsewhere")
+    _check_writable_dir(flag, path, resolved.parent)
+
+
+# --------------------------------------------------------------------------- commands
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tl-sinks", description="Measure why attention sinks form (tl_sinks).")
+    ap = argparse.ArgumentParser(prog="tl-sinks", description="Measure why attention sinks form (tl_sinks).",
+                                 epilog=_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("scan", help="scan a model for every stage of the attention-sink causal chain")
-    s.add_argument("--model", default="default", help="local Hugging Face model directory, hub name, 'minilm', or 'default' "
-                   "(tl_sinks' own trained decoder, shipped in the package; the default)")
-    s.add_argument("--prompts", help="text file, one prompt per line (default: tl_sinks' built-in prompts)")
+    model_help = ("local Hugging Face model directory, hub name, 'minilm', or 'default' "
+                  "(tl_sinks' own trained decoder, shipped in the package; the default)")
+    prompts_help = "UTF-8 text file, one prompt per line; # starts a comment line (default: tl_sinks' built-in prompts)"
+    s = sub.add_parser("scan", help="scan a model for every stage of the attention-sink causal chain",
+                       epilog=_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--model", default="default", help=model_help)
+    s.add_argument("--prompts", help=prompts_help)
     s.add_argument("--json", dest="json_out", help="also write the findings as JSON to this path")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     s.add_argument("--eps", type=float, default=0.3, help="sink-rate threshold (Gu et al.: 0.3)")
     s.add_argument("--no-require-bos", action="store_true", help="analyse position 0 even if it is not BOS")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    r = sub.add_parser("report", help="write one self-contained HTML report (renders offline)")
-    r.add_argument("--model", default="default", help="local Hugging Face model directory, hub name, 'minilm', or 'default' "
-                   "(tl_sinks' own trained decoder, shipped in the package; the default)")
-    r.add_argument("--prompts", help="text file, one prompt per line (default: tl_sinks' built-in prompts)")
+    r = sub.add_parser("report", help="write one self-contained HTML report (renders offline)",
+                       epilog=_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--model", default="default", help=model_help)
+    r.add_argument("--prompts", help=prompts_help)
     r.add_argument("--out", default="tl_sinks_report.html", help="output HTML path (default: %(default)s)")
     r.add_argument("--no-trace", action="store_true", help="skip the intervention trace (faster)")
     r.add_argument("--batch-size", type=int, default=8)
-    r.add_argument("--device", default=None)
+    r.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     r.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    import tl_sinks  # imported late so `--help` is instant
+def _load(args: argparse.Namespace) -> Any:
+    from transformers.utils import logging as hf_logging
 
-    prompts = _read_prompts(args.prompts) if args.prompts else None
-    if args.command == "report":
-        from tl_sinks.report import write_report
+    import tl_sinks
 
-        try:
-            model = tl_sinks.load_model(args.model, device=args.device)
-            path = write_report(model, args.out, prompts, trace=not args.no_trace, batch_size=args.batch_size, progress=not args.no_progress)
-        except (tl_sinks.ModelNotAvailableError, ValueError, NotImplementedError) as e:
-            print(f"tl-sinks: error: {e}", file=sys.stderr)
-            return 2
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); open it in a browser, no network needed")
-        return 0
+    quiet = args.no_progress and hf_logging.is_progress_bar_enabled()
+    if quiet:  # --no-progress hides transformers' "Loading weights" bar too
+        hf_logging.disable_progress_bar()
     try:
-        model = tl_sinks.load_model(args.model, device=args.device)
-        result = tl_sinks.scan(
-            model,
-            prompts,
-            batch_size=args.batch_size,
-            eps=args.eps,
-            require_bos=not args.no_require_bos,
-            progress=not args.no_progress,
-        )
-    except (tl_sinks.ModelNotAvailableError, ValueError, NotImplementedError) as e:
-        print(f"tl-sinks: error: {e}", file=sys.stderr)
-        return 2
+        return tl_sinks.load_model(args.model, device=args.device)
+    except (OSError, ValueError, NotImplementedError) as e:  # ModelNotAvailableError, ModelLoadError, ...
+        raise CliError(f"--model {args.model}: {_one_line(e)}", EXIT_MODEL) from None
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
+
+
+def _write(flag: str, path: str, text: str) -> Path:
+    try:
+        return atomic_write_text(path, text)
+    except OSError as e:  # e.g. the disk filled up; the previous file is intact
+        raise CliError(f"{flag} {path}: could not write it ({_one_line(e)})") from None
+
+
+def _scan(args: argparse.Namespace, prompts: list[str] | None) -> int:
+    import tl_sinks
+
+    model = _load(args)
+    try:
+        result = tl_sinks.scan(model, prompts, batch_size=args.batch_size, eps=args.eps,
+                               require_bos=not args.no_require_bos, progress=not args.no_progress)
+    except (ValueError, NotImplementedError) as e:
+        raise CliError(_one_line(e), EXIT_REFUSED) from None
     print(result.report())
     if args.json_out:
         payload = {"summary": result.summary(), "meta": result.meta, "skipped": result.skipped}
-        Path(args.json_out).write_text(json.dumps(_jsonable(payload), indent=2), encoding="utf-8")
-    return 0
+        _write("--json", args.json_out, json.dumps(_jsonable(payload), indent=2))
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace, prompts: list[str] | None) -> int:
+    from tl_sinks.report import build_report
+
+    model = _load(args)
+    try:
+        page = build_report(model, prompts, trace=not args.no_trace, batch_size=args.batch_size, progress=not args.no_progress)
+    except (ValueError, NotImplementedError) as e:
+        raise CliError(_one_line(e), EXIT_REFUSED) from None
+    path = _write("--out", args.out, page)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); open it in a browser, no network needed")
+    return EXIT_OK
+
+
+def _run(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    # Every check that can fail on the arguments runs before the model loads.
+    inputs = {"--prompts": args.prompts} if args.prompts else {}
+    out_flag, out = ("--json", args.json_out) if args.command == "scan" else ("--out", args.out)
+    if out:
+        _check_output(out_flag, out, inputs=inputs, model_dirs=_model_dirs(args.model))
+    prompts = _read_prompts(args.prompts) if args.prompts else None
+    _check_device(args.device)
+    return _report(args, prompts) if args.command == "report" else _scan(args, prompts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``tl-sinks``; returns the exit code (see the module docstring)."""
+    try:
+        return _run(argv)
+    except CliError as e:
+        print(f"tl-sinks: error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("tl-sinks: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover
