@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from tests.helpers import BOS, build_tokenizer, save_hf  # noqa: E402
+from tests.helpers import BOS, PAD, build_tokenizer, save_hf  # noqa: E402
 
 VOCAB = 64
 PLANT = {"source_dim": 5, "neuron": 7, "layer": 1, "massive_dim": 11}
@@ -73,6 +73,55 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_hf(BertForMaskedLM(cfg), build_tokenizer(VOCAB, cls_sep=True), tmp_path_factory.mktemp("tiny_bert"))
 
 
+def sharpen(model: torch.nn.Module, std: float = 0.25) -> torch.nn.Module:
+    """Redraw every weight matrix from N(0, std) so attention is far from uniform.
+
+    With the default init (std 0.02) every pattern is nearly uniform, and a check that the
+    right pattern is reported would pass for the wrong one too.
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, std)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_gptj_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random 2-layer GPT-J (parallel attention + MLP, partial rotary); its bridge delegates attention to HF."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    seed_all(11)
+    cfg = GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4, bos_token_id=BOS, eos_token_id=2)
+    return save_hf(sharpen(GPTJForCausalLM(cfg)), build_tokenizer(VOCAB), tmp_path_factory.mktemp("tiny_gptj"))
+
+
+@pytest.fixture(scope="session")
+def tiny_opt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random 2-layer OPT (ffn_dim = 4 * hidden, learned positions offset by 2); bridge delegates attention."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    seed_all(12)
+    cfg = OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+        max_position_embeddings=64, word_embed_proj_dim=32, bos_token_id=BOS, eos_token_id=2, pad_token_id=PAD,
+    )
+    return save_hf(sharpen(OPTForCausalLM(cfg)), build_tokenizer(VOCAB), tmp_path_factory.mktemp("tiny_opt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random 2-layer RoBERTa (bidirectional, post-LN) with a [CLS] ... [SEP] tokenizer; bridge delegates attention."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    seed_all(13)
+    cfg = RobertaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=70, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=2,
+    )
+    return save_hf(sharpen(RobertaForMaskedLM(cfg)), build_tokenizer(VOCAB, cls_sep=True), tmp_path_factory.mktemp("tiny_roberta"))
+
+
 @pytest.fixture(scope="session")
 def planted_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3-layer Llama whose weights plant a super neuron and a massive dimension.
@@ -122,6 +171,27 @@ def tiny_bert(tiny_bert_dir: Path):
     import tl_sinks
 
     return tl_sinks.load_model(tiny_bert_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_gptj(tiny_gptj_dir: Path):
+    import tl_sinks
+
+    return tl_sinks.load_model(tiny_gptj_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_opt(tiny_opt_dir: Path):
+    import tl_sinks
+
+    return tl_sinks.load_model(tiny_opt_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tiny_roberta_dir: Path):
+    import tl_sinks
+
+    return tl_sinks.load_model(tiny_roberta_dir, device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -232,7 +232,7 @@ def test_bad_specs_raise_clear_errors(tiny_llama):
     with pytest.raises(ValueError, match="pos=-1 must be >= 0"):
         ScaleOutput(pos=-1, lam=2.0)
     with pytest.raises(ValueError, match="mu has shape"):
-        with intervene(tiny_llama, AmplifyDeviation(pos=1, lam=2.0, mu=[[0.0]])):
+        with intervene(tiny_llama, AmplifyDeviation(pos=1, lam=2.0, mu=[[[0.0]]])):
             pass
     with pytest.raises(ValueError, match="unknown intervention kind"):
         from_dict({"kind": "nope"})
@@ -248,3 +248,202 @@ def test_hooks_are_removed_after_an_error_inside_intervene(tiny_llama):
             assert _n_hook_fns(tiny_llama) > before
             raise RuntimeError("inside")
     assert _n_hook_fns(tiny_llama) == before
+
+
+def test_nested_intervene_equals_flat(tiny_gptj):
+    tokens = torch.tensor(random_prompts([8, 8], seed=11))
+    a, b = SelfOnlyMask(pos=3), AmplifyDeviation(pos=5, lam=4.0)
+    with torch.no_grad():
+        with intervene(tiny_gptj, a, b):
+            flat = tiny_gptj(tokens)
+        with intervene(tiny_gptj, a), intervene(tiny_gptj, b):
+            nested = tiny_gptj(tokens)
+        plain = tiny_gptj(tokens)
+    torch.testing.assert_close(nested, flat, rtol=0, atol=0)
+    assert not torch.allclose(plain, flat)
+
+
+# --------------------------------------------------------------------------- field validation
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: AmplifyDeviation(pos=3, lam=NAN), "lam"),
+        (lambda: AmplifyDeviation(pos=3, lam=INF), "lam"),
+        (lambda: AmplifyDeviation(pos=3, lam=-INF), "lam"),
+        (lambda: AmplifyDeviation(pos=3, lam=2.0, mu=[[[0.0, NAN]]]), "mu"),
+        (lambda: ScaleOutput(pos=3, lam=NAN), "lam"),
+        (lambda: ScaleOutput(pos=3, lam=INF), "lam"),
+        (lambda: HeadRMSNorm(eps=-1e-6), "eps"),
+        (lambda: HeadRMSNorm(eps=NAN), "eps"),
+        (lambda: HeadRMSNorm(eps=INF), "eps"),
+        (lambda: HeadRMSNorm(gain=[[1.0, INF]]), "gain"),
+        (lambda: SelfOnlyMask(pos=3, strength=NAN), "strength"),
+        (lambda: AblateNeurons(neurons=((0, 1),), mode="value", value=NAN), "value"),
+        (lambda: AblateResidDims(dims=(1,), mode="value", value=INF), "value"),
+        (lambda: AblateResidDims(dims=(1,), strength=NAN), "strength"),
+    ],
+)
+def test_non_finite_numbers_raise_at_construction(build, field):
+    """NaN or inf strengths gave NaN logits under intervene; negative eps a NaN RMS."""
+    with pytest.raises(ValueError, match=rf"^\w+: {field}=.* must be") as e:
+        build()
+    assert "\n" not in str(e.value)
+
+
+def test_nan_lam_used_to_give_nan_logits(tiny_llama):
+    tokens = torch.tensor(random_prompts([6]))
+    with pytest.raises(ValueError, match="lam=nan must be finite"):
+        with intervene(tiny_llama, AmplifyDeviation(pos=2, lam=NAN)):
+            tiny_llama(tokens)
+
+
+SOM = {"kind": "self_only_mask", "pos": 3}
+AMP = {"kind": "amplify_deviation", "pos": 3, "lam": 2.0}
+NEU = {"kind": "ablate_neurons", "neurons": [[0, 5]]}
+DIMS = {"kind": "ablate_resid_dims", "dims": [1]}
+RMS = {"kind": "head_rmsnorm"}
+BAD_DICTS = [
+    ([("kind", "self_only_mask"), ("pos", 3)], "from_dict expects a dict"),
+    ("self_only_mask", "from_dict expects a dict"),
+    ({"pos": 3}, "unknown intervention kind None"),
+    ({"kind": "nope", "pos": 3}, "unknown intervention kind 'nope'"),
+    ({"kind": 5}, "unknown intervention kind 5"),
+    ({"kind": "self_only_mask"}, r"self_only_mask is missing field\(s\) \['pos'\]"),
+    ({**SOM, "posn": 4}, r"self_only_mask has no field\(s\) 'posn'"),
+    ({**SOM, 7: 4}, r"self_only_mask has no field\(s\) 7"),
+    ({**SOM, "pos": [3, 4]}, r"pos=\[3, 4\] must be an int"),
+    ({**SOM, "pos": 1.5}, "pos=1.5 must be an int, got float"),
+    ({**SOM, "pos": 3.0}, "pos=3.0 must be an int, got float"),
+    ({**SOM, "pos": -2}, "pos=-2 must be >= 0"),
+    ({**SOM, "pos": True}, "pos=True must be an int, got bool"),
+    ({**SOM, "pos": "3"}, "pos='3' must be an int, got str"),
+    ({**SOM, "layers": 5}, "layers=5 must be a non-empty list of ints"),
+    ({**SOM, "layers": [0.5]}, r"layers=\[0.5\] must be an int"),
+    ({**SOM, "layers": [0, "1"]}, "layers=.* must be an int, got str"),
+    ({**SOM, "layers": [-1]}, "layers=.* must be >= 0"),
+    ({**SOM, "layers": [0, 0]}, "layers=.* must not repeat"),
+    ({**SOM, "layers": []}, r"layers=\[\] must be a non-empty list"),
+    ({**SOM, "layers": {"0": 1}}, "layers=.* must be a non-empty list"),
+    ({**SOM, "strength": "1"}, "strength='1' must be a number"),
+    ({**SOM, "strength": 2}, r"strength=2 must be in \[0, 1\]"),
+    ({**SOM, "strength": None}, "strength=None must be a number"),
+    ({**SOM, "route": "both"}, "route='both' must be 'auto', 'z' or 'pattern'"),
+    ({**AMP, "lam": None}, "lam=None must be a number"),
+    ({**AMP, "lam": "inf"}, "lam='inf' must be a number"),
+    ({**AMP, "lam": INF}, "lam=inf must be finite"),
+    ({**AMP, "mu": "mean"}, "mu='mean' must be 'positions'"),
+    ({**AMP, "mu": [[1.0, 2.0]]}, r"mu=.* must be 'positions' or a \[layer\]\[head_index\]\[d_head\] list"),
+    ({**AMP, "mu": [[[1.0], [1.0, 2.0]]]}, "mu=.* must be a rectangular"),
+    ({**AMP, "mu": [[["a"]]]}, "mu=.* must be 'positions' or a"),
+    ({**NEU, "neurons": [1, 2]}, "neurons=.* must be a non-empty list of \\(layer, neuron\\) pairs"),
+    ({**NEU, "neurons": [[0, 5.5]]}, "neurons=.* must be an int, got float"),
+    ({**NEU, "neurons": [[0, -1]]}, "neurons=.* must be >= 0"),
+    ({**NEU, "neurons": [[0, 1, 2]]}, "neurons=.* pairs"),
+    ({**NEU, "neurons": []}, "neurons=.* pairs"),
+    ({**NEU, "neurons": "0,5"}, "neurons=.* pairs"),
+    ({**NEU, "pos": [-1]}, "pos=.* must be >= 0"),
+    ({**NEU, "pos": "0"}, "pos='0' must be an int >= 0, a list of them, or None"),
+    ({**NEU, "pos": 0.0}, "pos=0.0 must be an int >= 0, a list of them, or None"),
+    ({**NEU, "mode": "median"}, "mode='median' must be 'zero', 'mean' or 'value'"),
+    ({**NEU, "value": NAN}, "value=nan must be finite"),
+    ({**DIMS, "dims": []}, "dims=.* must be a non-empty list"),
+    ({**DIMS, "dims": [1.0]}, "dims=.* must be an int"),
+    ({**DIMS, "dims": 3}, "dims=3 must be a non-empty list"),
+    ({**DIMS, "layers": [1, 2.5]}, "layers=.* must be an int"),
+    ({**RMS, "eps": -1}, "eps=-1 must be >= 0.0"),
+    ({**RMS, "eps": NAN}, "eps=nan must be finite"),
+    ({**RMS, "gain": "unit"}, "gain='unit' must be 'batch_rms' or 'ones'"),
+    ({**RMS, "gain": [[1.0, INF]]}, "gain=.* must be 'batch_rms' or 'ones' or a \\[layer\\]\\[head_index\\] list"),
+    ({**RMS, "gain": [1.0, 2.0]}, "gain=.* list of finite numbers"),
+]
+
+
+@pytest.mark.parametrize(("d", "match"), BAD_DICTS, ids=[str(i) for i in range(len(BAD_DICTS))])
+def test_from_dict_rejects_garbage_with_one_line_errors(d, match):
+    with pytest.raises(ValueError, match=match) as e:
+        from_dict(d)
+    assert "\n" not in str(e.value)
+    if "missing" not in match and isinstance(d, dict) and d.get("kind") in ("self_only_mask", "amplify_deviation", "ablate_neurons", "ablate_resid_dims", "head_rmsnorm"):
+        assert any(f"{k}=" in str(e.value) or f"{k!r}" in str(e.value) for k in d if k != "kind"), e.value
+
+
+# --------------------------------------------------------------------------- round trips (hypothesis)
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_idx = st.integers(0, 40)
+_layers = st.none() | st.lists(_idx, min_size=1, max_size=3, unique=True).map(tuple)
+_pos = st.none() | _idx | st.lists(_idx, min_size=1, max_size=3).map(tuple)
+_finite = st.floats(allow_nan=False, allow_infinity=False)
+_unit = st.floats(0.0, 1.0)
+_mode = st.sampled_from(["zero", "mean", "value"])
+
+
+def _grid(depth: int):
+    """Rectangular nested lists of finite floats, ``depth`` levels deep."""
+    shape = st.lists(st.integers(1, 2), min_size=depth, max_size=depth)
+
+    def build(dims):
+        s = _finite
+        for n in reversed(dims):
+            s = st.lists(s, min_size=n, max_size=n)
+        return s
+
+    return shape.flatmap(build)
+
+
+def _spec(cls, **fields):
+    # Build the spec in the test body, not in the strategy: runtime type checks (beartype) draw
+    # random numbers, which Hypothesis forbids inside strategies.
+    return st.tuples(st.just(cls), st.fixed_dictionaries(fields))
+
+
+SPECS = st.one_of(
+    _spec(SelfOnlyMask, pos=_idx, layers=_layers, strength=_unit, route=st.sampled_from(["auto", "z", "pattern"])),
+    _spec(AmplifyDeviation, pos=_idx, lam=_finite, layers=_layers, mu=st.just("positions") | _grid(3)),
+    _spec(ScaleOutput, pos=_idx, lam=_finite, layers=_layers),
+    _spec(
+        AblateNeurons, neurons=st.lists(st.tuples(_idx, _idx), min_size=1, max_size=3).map(tuple), pos=_pos,
+        mode=_mode, value=_finite, strength=_unit,
+    ),
+    _spec(
+        AblateResidDims, dims=st.lists(_idx, min_size=1, max_size=3).map(tuple), layers=_layers, pos=_pos,
+        mode=_mode, value=_finite, strength=_unit,
+    ),
+    _spec(HeadRMSNorm, layers=_layers, gain=st.sampled_from(["batch_rms", "ones"]) | _grid(2), eps=st.floats(0.0, 1.0)),
+)
+GARBAGE = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 3), st.floats(), st.text(max_size=3),
+    st.lists(st.one_of(st.integers(-2, 2), st.floats(), st.text(max_size=1), st.none()), max_size=3),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(built=SPECS)
+def test_every_spec_round_trips_through_json(built):
+    import json
+
+    spec = built[0](**built[1])
+    d = json.loads(json.dumps(spec.to_dict()))
+    assert from_dict(d) == spec
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(built=SPECS, data=st.data(), junk=GARBAGE)
+def test_from_dict_with_one_field_garbled_rebuilds_or_names_the_field(built, data, junk):
+    """Either the garbled value is valid for the field (and round-trips) or a one-line ValueError names it."""
+    spec = built[0](**built[1])
+    d = spec.to_dict()
+    field = data.draw(st.sampled_from([k for k in d if k != "kind"]))
+    d[field] = junk
+    try:
+        rebuilt = from_dict(d)
+    except ValueError as e:
+        assert str(e).startswith(f"{type(spec).__name__}: {field}="), e
+        assert "\n" not in str(e)
+    else:
+        assert from_dict(rebuilt.to_dict()) == rebuilt

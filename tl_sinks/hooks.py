@@ -13,6 +13,7 @@ raises; :func:`hooked` adds a check that nothing was left behind.
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
@@ -109,6 +110,25 @@ def hooked(model: ModelLike, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterato
         after = _n_hook_fns(model)
         if after != before:  # pragma: no cover - guards against a TransformerLens regression
             raise RuntimeError(f"{after - before} hook(s) were left on the model after removal")
+
+
+@contextmanager
+def suspended_hooks(model: ModelLike) -> Iterator[ModelLike]:
+    """Suspend every forward hook on the model's HookPoints for the block, then restore them.
+
+    For probe passes that measure the bare model while an outer :func:`hooked` (or a user's
+    ``model.hooks``) is active: the outer edits would otherwise change what the probe measures.
+    """
+    saved = []
+    for hp in _hook_points(model):
+        if hp._forward_hooks:
+            saved.append((hp, hp._forward_hooks))
+            hp._forward_hooks = OrderedDict()
+    try:
+        yield model
+    finally:
+        for hp, hooks in saved:
+            hp._forward_hooks = hooks
 
 
 def forward_batch(model: ModelLike, batch: TokenBatch, **kwargs: Any) -> Any:

@@ -69,8 +69,11 @@ def run_stages(
 
     ``interventions`` (:mod:`tl_sinks.interventions` specs) are applied in every forward pass,
     before the accumulators read the activations; their hooks get each batch's padding mask.
+    Under a spec that edits the attention pattern, ``meta["pattern_edits"]`` records how the
+    pattern stages read saw it, and a model whose readout self-check failed raises instead
+    (see :func:`tl_sinks.interventions.check_pattern_readers`).
     """
-    from tl_sinks.interventions import intervention_hooks
+    from tl_sinks.interventions import check_pattern_readers, intervention_hooks
 
     info = inspect_model(model)
     prepared = prepare_prompts(
@@ -79,6 +82,8 @@ def run_stages(
     accs = [f(model, info) for f in factories]
     specs = list(interventions)
     intervention_hooks(model, specs, None, info)  # validate specs before the first batch
+    reads_pattern = any(n.endswith("attn.hook_pattern") for a in accs for n in a.hook_names())
+    pattern_edits = check_pattern_readers(model, info, specs, reads_pattern=reads_pattern)
 
     def extra(batch: Any) -> list[tuple[str, HookFn]]:
         return intervention_hooks(model, specs, batch.valid, info)
@@ -87,6 +92,8 @@ def run_stages(
     meta = {**base_meta(model, info), **prepared.meta(), "batch_size": batch_size}
     if specs:
         meta["interventions"] = [s.to_dict() for s in specs]
+    if pattern_edits is not None:
+        meta["pattern_edits"] = pattern_edits  # how hook_pattern readers saw the edit (applied or mirrored)
     return [a.result(meta) for a in accs]  # type: ignore[attr-defined]
 
 
