@@ -200,3 +200,33 @@ def test_nan_in_one_prompt_names_the_batch(tiny_llama_dir):
     with pytest.raises(tl_sinks.NonFiniteActivationError, match=r"batch of prompts 2\.\.2"):
         tl_sinks.scan(model, bad, batch_size=2, progress=False)
     assert _n_hook_fns(model) == before
+
+
+@pytest.mark.parametrize(
+    ("prompts", "match"),
+    [
+        ([[BOS, 5.7, 6.0]], r"^prompts: prompt 0 holds torch.float32 values; token ids must be integers"),
+        ([[BOS, 5, 6], [BOS, 7.0, 8.0]], r"^prompts: prompt 1 holds torch.float32"),
+        ([[True, False, True]], r"^prompts: prompt 0 holds torch.bool"),
+        (torch.tensor([[True, False, True]]), r"^prompts: the token tensor holds torch.bool"),
+        (torch.tensor([[1.0, 5.0, 6.0]]), r"^prompts: the token tensor holds torch.float32"),
+        (torch.tensor([[1, 5, 6]], dtype=torch.float16), r"^prompts: the token tensor holds torch.float16"),
+        ([BOS, 5, 6], r"^prompts: prompt 0 is a single number \(1\)"),
+        ([[[BOS, 5], [6, 7]]], r"^prompts: prompt 0 has shape \(2, 2\); each prompt must be a flat sequence"),
+        ([[BOS, "w1"]], r"^prompts: prompt 0 is not a sequence of integer token ids"),
+    ],
+)
+def test_non_integer_token_ids_raise_instead_of_being_coerced(tiny_llama, prompts, match):
+    """Floats were truncated to ints and bools read as ids 0/1; a flat list became one-token prompts."""
+    with pytest.raises(ValueError, match=match) as e:
+        tl_sinks.scan(tiny_llama, prompts, stages=["sinks"], require_bos=False, progress=False)
+    assert "\n" not in str(e.value)
+
+
+def test_numpy_token_ids_are_checked_too(tiny_llama):
+    import numpy as np
+
+    ok = tl_sinks.compute_sink_scores(tiny_llama, np.array([[BOS, 5, 6]]))
+    assert ok.meta["n_tokens"] == 3
+    with pytest.raises(ValueError, match="prompt 0 holds torch.float64"):
+        tl_sinks.compute_sink_scores(tiny_llama, np.array([[BOS, 5.5, 6.0]]))

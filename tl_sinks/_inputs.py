@@ -14,7 +14,6 @@ on the right and the mask says which positions are real, so all inputs are norma
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +103,33 @@ class TokenBatch:
         )
 
 
+def _check_id_dtype(t: Tensor, what: str) -> None:
+    """Token ids must be integers: floats would be truncated and bools read as ids 0/1."""
+    if t.dtype == torch.bool or t.dtype.is_floating_point or t.dtype.is_complex:
+        raise ValueError(f"{what} holds {t.dtype} values; token ids must be integers (pass a torch.long tensor)")
+
+
+def _id_sequence(p: Any, i: int) -> Tensor:
+    """Prompt ``i`` of a list of token-id sequences, as a 1-D ``int64`` tensor (checked, not coerced)."""
+    if isinstance(p, str):
+        raise TypeError("mix of strings and token sequences; pass one kind")
+    if isinstance(p, (bool, int, float)) or (isinstance(p, Tensor) and p.ndim == 0):
+        raise ValueError(
+            f"prompts: prompt {i} is a single number ({p!r}), not a sequence of token ids; "
+            "for one prompt pass [[id, id, ...]]"
+        )
+    try:
+        t = torch.as_tensor(p)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"prompts: prompt {i} is not a sequence of integer token ids ({e})") from None
+    if t.numel() == 0:  # before the dtype check: an empty list becomes a float tensor
+        raise ValueError(f"prompt {i} has no tokens")
+    _check_id_dtype(t, f"prompts: prompt {i}")
+    if t.ndim != 1:
+        raise ValueError(f"prompts: prompt {i} has shape {tuple(t.shape)}; each prompt must be a flat sequence of token ids")
+    return t.long().cpu()
+
+
 def _tokenize_strings(model: ModelLike, prompts: Sequence[str], prepend_bos: bool | None) -> list[Tensor]:
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("the model has no tokenizer, so text prompts cannot be used; pass token ids instead.")
@@ -167,7 +193,7 @@ def _check_unmasked_padding(tokens: Tensor, info: ModelInfo) -> None:
 def prepare_prompts(
     model: ModelLike,
     info: ModelInfo,
-    prompts: Prompts,
+    prompts: Any,  # a Prompts; checked here, so a runtime type checker cannot pre-empt the messages
     *,
     attention_mask: Tensor | None = None,
     prepend_bos: bool | None = None,
@@ -200,8 +226,7 @@ def prepare_prompts(
             raise ValueError(f"token tensor must be [batch, pos], got shape {tuple(prompts.shape)}")
         if prompts.shape[0] == 0 or prompts.shape[1] == 0:
             raise ValueError(f"token tensor is empty (shape {tuple(prompts.shape)})")
-        if prompts.dtype.is_floating_point:
-            raise TypeError("token tensor must hold integer ids")
+        _check_id_dtype(prompts, "prompts: the token tensor")
         if attention_mask is None:
             _check_unmasked_padding(prompts, info)
             seqs = [row.long().cpu() for row in prompts]
@@ -218,14 +243,7 @@ def prepare_prompts(
             seqs = _tokenize_strings(model, prompts, prepend_bos)
             used_prepend = prepend_bos
         else:
-            seqs = []
-            for i, p in enumerate(prompts):
-                if isinstance(p, str):
-                    raise TypeError("mix of strings and token sequences; pass one kind")
-                t = torch.as_tensor(p).long().flatten().cpu()
-                if t.numel() == 0:
-                    raise ValueError(f"prompt {i} has no tokens")
-                seqs.append(t)
+            seqs = [_id_sequence(p, i) for i, p in enumerate(prompts)]
             used_prepend = None
     for i, s in enumerate(seqs):
         if len(s) > info.n_ctx:
