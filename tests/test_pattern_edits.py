@@ -26,11 +26,12 @@ from tl_sinks.interventions import (
 )
 
 T, P = 7, 3
-# family -> (fixture prefix, causal, how the bridge takes pattern edits)
+# family (fixture tiny_<family>) -> (causal, how the bridge takes pattern edits)
 FAMILIES = {
     "gptj": (True, "mirrored"),
     "opt": (True, "mirrored"),
     "roberta": (False, "mirrored"),
+    "bert": (False, "mirrored"),
     "llama": (True, "applied"),
     "gpt2": (True, "applied"),
 }
