@@ -116,18 +116,29 @@ def record_processing(model: Any, processing: dict[str, Any]) -> None:
     _PROCESSING[model] = dict(processing)
 
 
+def _param_dtype(model: Any) -> str:
+    """The dtype of the model's floating-point parameters now (comma-joined if mixed)."""
+    try:
+        dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()})
+    except (AttributeError, TypeError):
+        dtypes = []
+    return ", ".join(dtypes) if dtypes else str(_cfg(model, "dtype", default="unknown"))
+
+
 def describe_processing(model: ModelLike) -> dict[str, Any]:
     """Weight processing applied to ``model``: exact if it came from ``load_model``.
 
     For other models it is read from the bridge: whether compatibility mode is on and whether
     ``process_weights`` ran (TransformerLens does not record which folds it applied).
+    ``"dtype"`` is read from the parameters at call time, so it follows ``model.to(dtype)``.
     """
     if model in _PROCESSING:
-        return dict(_PROCESSING[model])
+        return {**_PROCESSING[model], "dtype": _param_dtype(model)}
     return {
         "source": "inferred from the bridge (not loaded by tl_sinks.load_model)",
         "compatibility_mode": bool(getattr(model, "compatibility_mode", False)),
         "weights_processed": bool(getattr(model, "_weights_processed", False)),
+        "dtype": _param_dtype(model),
     }
 
 
@@ -291,16 +302,26 @@ def require_hooks(model: ModelLike, names: list[str], *, stage: str) -> None:
         )
 
 
+def _transformer_lens_version() -> str:
+    # TransformerLens 4.x has no __version__; the installed distribution knows its version.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformer-lens")
+    except PackageNotFoundError:
+        import transformer_lens
+
+        return str(getattr(transformer_lens, "__version__", "unknown"))
+
+
 def base_meta(model: ModelLike, info: ModelInfo) -> dict[str, Any]:
     """Provenance shared by every result's ``meta``."""
-    import transformer_lens
-
     return {
         "model_name": info.model_name,
         "architecture": info.architecture,
         "attention": "causal" if info.causal else "bidirectional",
         "norm_placement": "post-LN" if info.post_ln else "pre-LN",
-        "transformer_lens_version": getattr(transformer_lens, "__version__", "unknown"),
+        "transformer_lens_version": _transformer_lens_version(),
         "processing": info.processing,
-        "dtype": str(_cfg(model, "dtype", default="")),
+        "dtype": _param_dtype(model),
     }
