@@ -44,22 +44,55 @@ def test_uncached_hub_name_offline_fails_at_once(no_boot, monkeypatch):
 
 def test_uncached_hub_name_with_unreachable_hub_fails_at_once(no_boot, monkeypatch):
     monkeypatch.setattr(loading, "_hub_offline", lambda: False)
-    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: False)
-    with pytest.raises(tl_sinks.ModelNotAvailableError, match="unreachable"):
+    monkeypatch.setattr(loading, "_hub_unreachable", lambda timeout=3.0: "cannot connect to the hub (test)")
+    with pytest.raises(tl_sinks.ModelNotAvailableError, match="unreachable: cannot connect to the hub"):
         tl_sinks.load_model("some-org/some-model")
 
 
-def test_hub_reachability_probe_is_one_short_connect(monkeypatch):
-    calls = []
+@pytest.fixture
+def endpoint(monkeypatch):
+    """Point huggingface_hub at a URL (it reads HF_ENDPOINT once, at import), online for this test."""
+    from huggingface_hub import constants
 
-    def fake_connect(addr, timeout):
-        calls.append((addr, timeout))
-        raise OSError("unreachable")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
-    monkeypatch.setattr(loading.socket, "create_connection", fake_connect)
-    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example:8443")
-    assert loading._hub_reachable() is False
-    assert calls == [(("hub.example", 8443), 3.0)]
+    def point(url: str) -> None:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        monkeypatch.setattr(constants, "ENDPOINT", url)
+
+    return point
+
+
+def test_hub_probe_needs_an_http_answer(endpoint):
+    """An HTTP answer of any status means reachable; a closed port names the endpoint."""
+    import http.server
+    import socket
+    import threading
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):  # noqa: N802 - the http.server API
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint(f"http://127.0.0.1:{server.server_port}")
+        assert loading._hub_unreachable(timeout=2.0) is None
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    endpoint(f"http://127.0.0.1:{closed}")
+    reason = loading._hub_unreachable(timeout=2.0)
+    assert reason is not None and reason.startswith(f"cannot connect to http://127.0.0.1:{closed}")
 
 
 def test_cached_hub_model_loads_from_the_cache(tiny_llama_dir, tmp_path, monkeypatch):
@@ -93,6 +126,34 @@ def test_bad_paths_raise(tmp_path):
 def test_minilm_alias_loads_the_packaged_model(minilm_path):
     path, source = loading.resolve_model_path("minilm")
     assert (path, source) == (minilm_path, "package")
+
+
+def test_minilm_head_is_recorded_as_random_and_its_pooler_as_unused(minilm):
+    """MiniLM ships only the encoder (+ pooler): BertForMaskedLM's MLM head stays random."""
+    proc = tl_sinks.describe_processing(minilm)
+    assert proc["random_head"] == ["cls"] and proc["unused_weights"] == ["pooler"]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2", "tiny_bert"])
+def test_complete_checkpoints_record_no_random_or_unused_parts(fixture, request):
+    proc = tl_sinks.describe_processing(request.getfixturevalue(fixture))
+    assert proc["random_head"] == [] and proc["unused_weights"] == []
+
+
+def test_meta_records_the_installed_transformer_lens_version(tiny_llama):
+    from importlib.metadata import version
+
+    res = tl_sinks.find_super_neurons_by_weights(tiny_llama)
+    assert res.meta["transformer_lens_version"] == version("transformer-lens") != "unknown"
+
+
+def test_processing_dtype_follows_the_model_after_loading(tiny_llama_dir):
+    model = tl_sinks.load_model(tiny_llama_dir, device="cpu")
+    assert tl_sinks.describe_processing(model)["dtype"] == "torch.float32"
+    model.to(torch.bfloat16)
+    assert tl_sinks.describe_processing(model)["dtype"] == "torch.bfloat16"
+    res = tl_sinks.find_super_neurons_by_weights(model)
+    assert res.meta["processing"]["dtype"] == res.meta["dtype"] == "torch.bfloat16"
 
 
 @pytest.fixture(scope="module")
