@@ -66,57 +66,74 @@ class Family:
 
 
 _TOKENS = dict(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+_SIZES = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS)
+_GPT2_SIZES = dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS)
+_D_HEAD = HIDDEN // HEADS
 # Shared by the Llama-like configs.
 _LLAMA_LIKE = dict(
-    vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-    num_key_value_heads=HEADS, max_position_embeddings=POSITIONS, tie_word_embeddings=False, **_TOKENS,
+    **_SIZES, intermediate_size=FFN, num_key_value_heads=HEADS, max_position_embeddings=POSITIONS,
+    tie_word_embeddings=False, **_TOKENS,
 )
 
 
-def _llama_like(cls: str, **kw) -> Callable[[], object]:
-    return lambda: getattr(tf, cls)(**{**_LLAMA_LIKE, **kw})
+def _config(cls: str, base: dict, **kw) -> Callable[[], object]:
+    return lambda: getattr(tf, cls)(**{**base, **kw})
 
+
+def _llama_like(cls: str, **kw) -> Callable[[], object]:
+    return _config(cls, _LLAMA_LIKE, **kw)
+
+
+# Gemma 2/3 scale scores by query_pre_attn_scalar ** -0.5 (default 256, the real models'
+# head_dim); with d_head 8 that would flatten attention, so it is set to d_head here.
+_GEMMA_2_3 = dict(head_dim=_D_HEAD, query_pre_attn_scalar=_D_HEAD, sliding_window=POSITIONS)
+_OPT = dict(**_SIZES, word_embed_proj_dim=HIDDEN, max_position_embeddings=POSITIONS, **_TOKENS)
+_ENCODER = dict(**_SIZES, intermediate_size=FFN, pad_token_id=PAD)
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in [
-        Family("gpt2", "GPT2LMHeadModel", lambda: tf.GPT2Config(
-            vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=POSITIONS, **_TOKENS)),
-        Family("gpt_neox", "GPTNeoXForCausalLM", lambda: tf.GPTNeoXConfig(
-            vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-            intermediate_size=FFN, max_position_embeddings=POSITIONS, rotary_pct=0.5, tie_word_embeddings=False, **_TOKENS)),
+        Family("gpt2", "GPT2LMHeadModel", _config("GPT2Config", _GPT2_SIZES, n_positions=POSITIONS, **_TOKENS)),
+        Family("gpt_neox", "GPTNeoXForCausalLM", _config(
+            "GPTNeoXConfig", _SIZES, intermediate_size=FFN, max_position_embeddings=POSITIONS, rotary_pct=0.5,
+            tie_word_embeddings=False, **_TOKENS,
+        )),
         Family("llama", "LlamaForCausalLM", _llama_like("LlamaConfig", num_key_value_heads=2), gqa=True),
-        Family("mistral", "MistralForCausalLM", _llama_like("MistralConfig", num_key_value_heads=2, sliding_window=None), gqa=True),
-        Family("qwen2", "Qwen2ForCausalLM", _llama_like("Qwen2Config", num_key_value_heads=2), gqa=True, char_level=True),
-        Family("qwen3", "Qwen3ForCausalLM", _llama_like("Qwen3Config", head_dim=HIDDEN // HEADS)),
-        Family("gemma", "GemmaForCausalLM", _llama_like("GemmaConfig", head_dim=HIDDEN // HEADS)),
-        Family("gemma2", "Gemma2ForCausalLM", _llama_like("Gemma2Config", head_dim=HIDDEN // HEADS, sliding_window=POSITIONS)),
-        Family("gemma3", "Gemma3ForCausalLM", _llama_like("Gemma3TextConfig", head_dim=HIDDEN // HEADS, sliding_window=POSITIONS)),
+        Family("mistral", "MistralForCausalLM", _llama_like("MistralConfig", num_key_value_heads=2), gqa=True),
+        Family(
+            "qwen2", "Qwen2ForCausalLM", _llama_like("Qwen2Config", num_key_value_heads=2), gqa=True, char_level=True
+        ),
+        Family("qwen3", "Qwen3ForCausalLM", _llama_like("Qwen3Config", head_dim=_D_HEAD)),
+        Family("gemma", "GemmaForCausalLM", _llama_like("GemmaConfig", head_dim=_D_HEAD)),
+        Family("gemma2", "Gemma2ForCausalLM", _llama_like("Gemma2Config", **_GEMMA_2_3)),
+        Family("gemma3", "Gemma3ForCausalLM", _llama_like("Gemma3TextConfig", **_GEMMA_2_3)),  # text-only
         Family("phi", "PhiForCausalLM", _llama_like("PhiConfig", partial_rotary_factor=0.5)),
         Family("phi3", "Phi3ForCausalLM", _llama_like("Phi3Config")),
-        Family("opt", "OPTForCausalLM", lambda: tf.OPTConfig(
-            vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, ffn_dim=FFN,
-            word_embed_proj_dim=HIDDEN, max_position_embeddings=POSITIONS, **_TOKENS)),
-        Family("opt4x", "OPTForCausalLM", lambda: tf.OPTConfig(
-            vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, ffn_dim=4 * HIDDEN,
-            word_embed_proj_dim=HIDDEN, max_position_embeddings=POSITIONS, **_TOKENS)),
-        Family("gptj", "GPTJForCausalLM", lambda: tf.GPTJConfig(
-            vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=POSITIONS, rotary_dim=4,
-            tie_word_embeddings=False, **_TOKENS)),
-        Family("falcon", "FalconForCausalLM", lambda: tf.FalconConfig(
-            vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-            max_position_embeddings=POSITIONS, **_TOKENS)),
+        Family("opt", "OPTForCausalLM", _config("OPTConfig", _OPT, ffn_dim=FFN)),  # ffn_dim = 2 * hidden
+        Family("opt4x", "OPTForCausalLM", _config("OPTConfig", _OPT, ffn_dim=4 * HIDDEN)),
+        Family("gptj", "GPTJForCausalLM", _config(
+            "GPTJConfig", _GPT2_SIZES, n_positions=POSITIONS, rotary_dim=4, tie_word_embeddings=False, **_TOKENS
+        )),
+        Family("falcon", "FalconForCausalLM", _config(
+            "FalconConfig", _SIZES, max_position_embeddings=POSITIONS, **_TOKENS  # multi-query attention
+        )),
         Family("olmo", "OlmoForCausalLM", _llama_like("OlmoConfig")),
         Family("olmo2", "Olmo2ForCausalLM", _llama_like("Olmo2Config")),
         Family("stablelm", "StableLmForCausalLM", _llama_like("StableLmConfig")),
-        Family("bloom", "BloomForCausalLM", lambda: tf.BloomConfig(
-            vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS, **_TOKENS)),
-        Family("bert", "BertForMaskedLM", lambda: tf.BertConfig(
-            vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-            intermediate_size=FFN, max_position_embeddings=POSITIONS, pad_token_id=PAD), causal=False),
-        Family("roberta", "RobertaForMaskedLM", lambda: tf.RobertaConfig(
-            vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-            intermediate_size=FFN, max_position_embeddings=POSITIONS + 2, **_TOKENS), causal=False),
+        Family("bloom", "BloomForCausalLM", _config(
+            "BloomConfig", dict(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS), **_TOKENS
+        )),
+        Family(
+            "bert", "BertForMaskedLM", _config("BertConfig", _ENCODER, max_position_embeddings=POSITIONS), causal=False
+        ),
+        # RoBERTa's positions start after the pad id (padding_idx + 1).
+        Family(
+            "roberta", "RobertaForMaskedLM",
+            _config(
+                "RobertaConfig", _ENCODER, max_position_embeddings=POSITIONS + 2, bos_token_id=BOS, eos_token_id=EOS
+            ),
+            causal=False,
+        ),
     ]
 }
 
@@ -128,10 +145,11 @@ def _char_tokenizer():
 
     special = ["<pad>", "<s>", "</s>", "<unk>"]
     vocab = {t: i for i, t in enumerate(special + list(CHARS))}
-    tok = Qwen2Tokenizer(
-        vocab=vocab, merges=[], bos_token=special[BOS], eos_token=special[EOS], unk_token=special[UNK], pad_token=special[PAD]
+    names = dict(bos_token=special[BOS], eos_token=special[EOS], unk_token=special[UNK], pad_token=special[PAD])
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], **names)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{special[BOS]} $A", special_tokens=[(special[BOS], BOS)]
     )
-    tok._tokenizer.post_processor = processors.TemplateProcessing(single=f"{special[BOS]} $A", special_tokens=[(special[BOS], BOS)])
     return tok
 
 
