@@ -9,13 +9,24 @@ on the right and the mask says which positions are real, so all inputs are norma
 * token tensors *without* a mask that look padded (a run of pad tokens at either end of some
   row) raise, because the padded positions would otherwise be counted as text;
 * position 0 must be the model's BOS ([CLS] for BERT) unless ``require_bos=False``.
+
+**Defaults follow the checkpoint's tokenizer** (:func:`first_token_policy`). If it adds a BOS
+([CLS]) when it encodes text, strings get one and position 0 must hold it. If it adds none
+(Pythia's and Qwen's do not), strings are tokenised as it would and position 0 is analysed as it
+is: the causal mask makes the first token, whatever it is, the position every query can see,
+so that is where the sink forms. ``meta["first_token"]`` records what was done and why; an
+explicit ``prepend_bos=`` or ``require_bos=`` always wins. TransformerLens' own default,
+``cfg.default_prepend_bos``, is a per-family guess (``False`` for GPT-NeoX, Qwen, Phi, BLOOM
+whatever the checkpoint's tokenizer does), and its bridge tokenizer cannot be asked either (it is
+re-loaded with ``add_bos_token=True``), so the answer comes from the checkpoint's tokenizer as
+re-read by :func:`tl_sinks._compat.inspect_model`.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,12 +47,14 @@ class PreparedPrompts:
         pos0_is_bos: Per prompt, whether position 0 holds the model's first-token id.
         first_token_id: The BOS/[CLS] id checked against, or ``None`` if unknown.
         prepend_bos: The ``prepend_bos`` used when tokenising strings (``None`` for tokens).
+        first_token: What was done about position 0 and why (``meta["first_token"]``).
     """
 
     sequences: list[Tensor]
     pos0_is_bos: list[bool]
     first_token_id: int | None
     prepend_bos: bool | None
+    first_token: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -64,6 +77,7 @@ class PreparedPrompts:
             "first_token_id": self.first_token_id,
             "pos0_is_bos": n_bos == len(self),
             "pos0_is_bos_fraction": n_bos / len(self),
+            "first_token": dict(self.first_token),
         }
 
 
@@ -190,6 +204,34 @@ def _check_unmasked_padding(tokens: Tensor, info: ModelInfo) -> None:
             )
 
 
+def first_token_policy(
+    info: ModelInfo, prepend_bos: bool | None = None, require_bos: bool | None = None
+) -> tuple[bool | None, bool, dict[str, Any]]:
+    """Resolve ``prepend_bos`` / ``require_bos`` (``None``: follow the checkpoint's tokenizer).
+
+    Returns:
+        ``(prepend_bos, require_bos, record)``: the values to use and the ``meta["first_token"]``
+        record (``prepend_bos``, ``require_bos``, ``bos_token_id``, ``source``, ``tokenizer_check``).
+        ``source`` is ``"tokenizer adds BOS"``, ``"tokenizer adds no BOS: position 0 analysed as
+        it is"``, ``"no tokenizer: ..."`` or ``"user"`` (an explicit argument was given).
+    """
+    adds = info.tokenizer_adds_bos
+    if adds is None:  # no tokenizer: as before, position 0 must be the config's BOS
+        prep, req = prepend_bos, True if require_bos is None else require_bos
+        source = "no tokenizer: position 0 must be cfg.bos_token_id"
+        bos = info.first_token_id
+    else:
+        prep = adds if prepend_bos is None else prepend_bos
+        req = adds if require_bos is None else require_bos
+        source = "tokenizer adds BOS" if adds else "tokenizer adds no BOS: position 0 analysed as it is"
+        bos = info.tokenizer_bos_token_id
+    if prepend_bos is not None or require_bos is not None:
+        source = "user"
+    record = {"prepend_bos": prep, "require_bos": req, "bos_token_id": bos, "source": source,
+              "tokenizer_check": info.tokenizer_check}
+    return prep, req, record
+
+
 def prepare_prompts(
     model: ModelLike,
     info: ModelInfo,
@@ -197,7 +239,7 @@ def prepare_prompts(
     *,
     attention_mask: Tensor | None = None,
     prepend_bos: bool | None = None,
-    require_bos: bool = True,
+    require_bos: bool | None = None,
 ) -> PreparedPrompts:
     """Validate and tokenise prompts.
 
@@ -207,8 +249,10 @@ def prepare_prompts(
         prompts: A string, a list of strings, a ``[batch, pos]`` token tensor, or a list of
             token-id sequences (ragged lengths allowed).
         attention_mask: For a token tensor: 1 for real tokens, 0 for padding (left or right).
-        prepend_bos: Passed to ``model.to_tokens`` for strings (``None``: the model default).
-        require_bos: Raise unless position 0 of every prompt is the model's BOS ([CLS]).
+        prepend_bos: Whether strings get a BOS (``None``: if the checkpoint's tokenizer adds
+            one; see :func:`first_token_policy`).
+        require_bos: Raise unless position 0 of every prompt is the model's BOS ([CLS])
+            (``None``: if the checkpoint's tokenizer adds one).
 
     Returns:
         :class:`PreparedPrompts`.
@@ -217,6 +261,7 @@ def prepare_prompts(
         ValueError: Empty prompts, bad masks, unmasked padding, missing BOS, double BOS, or a
             prompt longer than the model's context ``n_ctx``.
     """
+    prepend_bos, require_bos, record = first_token_policy(info, prepend_bos, require_bos)
     if isinstance(prompts, str):
         prompts = [prompts]
     if isinstance(prompts, Tensor):
@@ -274,7 +319,10 @@ def prepare_prompts(
                 f"prompt {doubled[0]} starts with two BOS tokens (id {first}); the text already "
                 "holds BOS and another was prepended. Pass prepend_bos=False."
             )
-    return PreparedPrompts(sequences=seqs, pos0_is_bos=pos0, first_token_id=first, prepend_bos=used_prepend)
+    record["prepend_bos"] = used_prepend  # None: token ids were given, nothing was prepended
+    return PreparedPrompts(
+        sequences=seqs, pos0_is_bos=pos0, first_token_id=first, prepend_bos=used_prepend, first_token=record
+    )
 
 
 def iter_batches(

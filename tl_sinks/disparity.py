@@ -10,7 +10,10 @@ both computed per layer and position over a corpus:
 * **The paper's ratio** (Li et al., Table 1): top dim over the mean of the other dims,
   ``|x|_max / mean_{d != argmax} |x_d|``. The paper measures it after the pre-attention RMSNorm
   (``ln1.hook_out``, gain included: 262x in Llama-2-7B), so it is reported both there
-  (``attn_in_paper_ratio``) and on the raw residual stream (``paper_ratio``).
+  (``attn_in_paper_ratio``) and on the raw residual stream (``paper_ratio``). OLMo 2 has no
+  norm before attention (it normalises the attention and MLP outputs); there the attention reads
+  the raw residual stream, so ``attn_in_paper_ratio`` is read at ``attn.hook_in`` and
+  ``meta["attn_in_site"]`` says it is not a norm output.
 
 "The residual stream" is ``hook_resid_post`` for pre-LN models. For post-LN encoders (BERT) it is
 the raw sum before each block's final LayerNorm (``ln2.hook_in``), since TransformerLens 4.3's
@@ -121,7 +124,9 @@ class DimensionDisparity(SinkResult):
         median: ``[layer, pos]`` mean median ``|x|``.
         ratio_to_median: ``[layer, pos]`` mean of ``top / median`` (Sun et al.).
         paper_ratio: ``[layer, pos]`` mean of ``top / mean of the other dims`` (Li et al.).
-        attn_in_paper_ratio: ``[layer, pos]`` the same after the pre-attention norm.
+        attn_in_paper_ratio: ``[layer, pos]`` the same at the attention's input: after the
+            pre-attention norm, or, for models with no norm there (OLMo 2), the raw residual the
+            attention reads (``meta["attn_in_site"]`` / ``meta["attn_in_is_norm_output"]`` say which).
         massive_fraction: ``[layer, pos]`` share of tokens with a Sun-massive dim.
         n_prompts: ``[pos]`` prompts that reached each position.
         top_dim_counts: ``[layer, pos_class, d_model]`` how often each dim was the largest,
@@ -173,7 +178,8 @@ class DimensionDisparity(SinkResult):
 
         Args:
             pos: A position, or ``"rest"`` for the token-weighted mean over positions >= 1.
-            site: ``"attn_in"`` (after the pre-attention norm, as in the paper) or ``"resid"``.
+            site: ``"attn_in"`` (the attention's input: after the pre-attention norm, as in the
+                paper, where the model has one) or ``"resid"``.
         """
         t = {"attn_in": self.attn_in_paper_ratio, "resid": self.paper_ratio}.get(site)
         if t is None:
@@ -285,7 +291,7 @@ class DimensionDisparity(SinkResult):
             f"largest first-token dim: {int(best['dim'])} at layer {int(best['layer'])} "
             f"(mean |x| {best['first_mean_abs']:.1f}, {best['ratio_to_median']:.0f}x the median)",
             f"dimension disparity (paper ratio, max over layers) at position 0: "
-            f"{self.disparity(0):.1f} after the attention norm, {self.disparity(0, site='resid'):.1f} on the residual; "
+            f"{self.disparity(0):.1f} {self.meta.get('attn_in_label', 'after the attention norm')}, {self.disparity(0, site='resid'):.1f} on the residual; "
             f"rest {self.disparity('rest'):.1f}",
         ]
 
@@ -450,7 +456,9 @@ class DisparityAccumulator:
                 **meta,
                 "stage": self.stage,
                 "resid_site": info.resid_site_description,
-                "attn_in_site": "blocks.{L}.hook_resid_pre" if info.post_ln else "blocks.{L}.ln1.hook_out",
+                "attn_in_site": info.attn_in_site_description,
+                "attn_in_is_norm_output": info.attn_in_is_norm_output,
+                "attn_in_label": info.attn_in_label,
                 "attribution_exact": info.additive_resid,
                 "abs_threshold": self.abs_threshold,
                 "rel_threshold": self.rel_threshold,
@@ -468,7 +476,7 @@ def compute_dimension_disparity(
     batch_size: int = 8,
     attention_mask: Tensor | None = None,
     prepend_bos: bool | None = None,
-    require_bos: bool = True,
+    require_bos: bool | None = None,
     progress: bool = False,
 ) -> DimensionDisparity:
     """Dimension Disparity.
@@ -484,8 +492,9 @@ def compute_dimension_disparity(
         rel_threshold: Sun et al. threshold on ``|x| / median`` (1000).
         batch_size: Prompts per forward pass.
         attention_mask: For a padded token tensor: 1 for real tokens.
-        prepend_bos: For strings, whether to prepend BOS (``None``: the model's default).
-        require_bos: Raise unless every prompt starts with BOS.
+        prepend_bos: For strings, whether to prepend BOS (``None``: as the checkpoint's tokenizer does).
+        require_bos: Raise unless every prompt starts with BOS (``None``: only if the checkpoint's
+            tokenizer adds one; see :func:`tl_sinks.scan`).
         progress: Show a progress bar.
 
     Returns:

@@ -61,7 +61,7 @@ def run_stages(
     batch_size: int = 8,
     attention_mask: Tensor | None = None,
     prepend_bos: bool | None = None,
-    require_bos: bool = True,
+    require_bos: bool | None = None,
     progress: bool = False,
     interventions: Sequence[Any] = (),
 ) -> list[Any]:
@@ -226,7 +226,7 @@ def scan(
     batch_size: int = 8,
     attention_mask: Tensor | None = None,
     prepend_bos: bool | None = None,
-    require_bos: bool = True,
+    require_bos: bool | None = None,
     progress: bool = True,
     interventions: Sequence[Any] = (),
 ) -> ScanResult:
@@ -247,8 +247,12 @@ def scan(
         rel_threshold: Sun et al. threshold relative to the token's median ``|x|``.
         batch_size: Prompts per forward pass.
         attention_mask: For a padded token tensor: 1 for real tokens.
-        prepend_bos: For strings, whether to prepend BOS (``None``: the model's default).
-        require_bos: Raise unless every prompt starts with BOS ([CLS] for BERT).
+        prepend_bos: For strings, whether to prepend BOS. ``None``: as the checkpoint's own
+            tokenizer does (not TransformerLens' ``default_prepend_bos``).
+        require_bos: Raise unless every prompt starts with BOS ([CLS] for BERT). ``None``: only
+            if the checkpoint's tokenizer adds one; if it adds none (Pythia's and Qwen's
+            do not), position 0 is analysed as it is (the causal mask makes it the first position, where
+            the sink forms). ``meta["first_token"]`` records what was done and why.
         progress: Show a progress bar.
         interventions: :mod:`tl_sinks.interventions` specs applied in every forward pass (the
             scan then measures the intervened model).
@@ -257,8 +261,8 @@ def scan(
         :class:`ScanResult`.
 
     Raises:
-        ValueError: Unknown stage names, bad prompts (no BOS, unmasked padding, too long,
-            empty), a model in training mode.
+        ValueError: Unknown stage names, bad prompts (no BOS where one is required, unmasked
+            padding, too long, empty), a model in training mode.
         UnsupportedModelError: A requested stage the model cannot support.
         NonFiniteActivationError: NaN/inf activations.
     """

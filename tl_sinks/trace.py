@@ -184,7 +184,7 @@ def trace_chain(
     batch_size: int = 8,
     attention_mask: Tensor | None = None,
     prepend_bos: bool | None = None,
-    require_bos: bool = True,
+    require_bos: bool | None = None,
     progress: bool = True,
 ) -> ChainTrace:
     """Trace the causal chain with interventions and report an effect size per link.
@@ -232,7 +232,7 @@ def trace_chain(
         # layers l0+1.. (or, for a neuron in the last layer, the final residual stream).
         l0 = min(n[0] for n in neurons)
         if l0 + 1 < info.n_layers:
-            site, span, where = "attn_in", slice(l0 + 1, None), f"layers {l0 + 1}-{info.n_layers - 1}, after the attention norm"
+            site, span, where = "attn_in", slice(l0 + 1, None), f"layers {l0 + 1}-{info.n_layers - 1}, {info.attn_in_label}"
         else:
             site, span, where = "resid", slice(l0, l0 + 1), f"layer {l0}, residual stream"
         row("-> dimension disparity", f"paper ratio at pos 0 (mean over {where})",
@@ -256,7 +256,7 @@ def trace_chain(
         for layer in range(info.n_layers):
             sweep_rows.append({"intervention": name, "lam": lam, "layer": layer, "received": float(rec[layer]),
                                "sink_rate": float(rate[layer]), "baseline_received": float(baseline[layer])})
-    meta = {**base.meta, "pos": p, "lambdas": list(lambdas), "eps": eps,
+    meta = {**base.meta, "pos": p, "lambdas": list(lambdas), "eps": eps, "attn_in_site": info.attn_in_site_description,
             "ablation": "AblateNeurons(mode='mean', pos=0)" if neurons else None}
     return ChainTrace(links=links, sweep=pd.DataFrame(sweep_rows), pos=p, neurons=list(neurons), meta=meta)  # type: ignore[arg-type]
 
