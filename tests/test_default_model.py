@@ -137,6 +137,15 @@ def test_ablating_the_super_neurons_weakens_disparity_and_sink(trace):
     assert rel[[m for m in links.index if m.startswith("sink rate")][0]] < -ABLATION_SINK_DROP_MIN
 
 
+def test_the_trace_ablates_only_the_chain_super_neurons(trace, builtin_scan):
+    # The two BOS super neurons (first token, channel-sparse), not the other high-ratio neurons;
+    # the ablation links above are measured with these two alone.
+    chain = builtin_scan.super_neurons.chain
+    assert trace.neurons == [(int(r.layer), int(r.neuron)) for r in chain.itertuples()]
+    assert set(trace.meta["ablated"]) == {"L0N504", "L2N168"} and trace.meta["ablation_selection"] == "chain"
+    assert len(builtin_scan.super_neurons.found) > len(chain)
+
+
 def _peak(trace, name: str, lam: float | None = None) -> float:
     p = trace.peak_received()
     row = p[(p["intervention"] == name) & (p["lam"].isna() if lam is None else p["lam"] == lam)]

@@ -96,6 +96,8 @@ def test_super_neurons_write_dim_99(result):
     assert all(dims[0] == 99 for dims in found["top_dims"])
     assert (found["down_kurtosis"] > 300).all()
     assert (found["top1_share"] > 0.9).all()
+    # So every one is a chain super neuron (first token, channel-sparse).
+    assert (found["role"] == "chain").all() and len(result.super_neurons.chain) == len(found)
     assert result.summary()["super_neuron_writes_massive_dim"] is True
 
 

@@ -26,11 +26,45 @@ Two finders:
 For each found neuron the down-projection row ``W_out[layer][neuron]`` is described by its
 excess (Fisher) kurtosis, as ``scipy.stats.kurtosis`` computes it, and the residual dims that
 carry most of its squared norm.
+
+**Roles.** The position ratio finds every neuron that is extreme somewhere, but only some of
+them are links of the chain. Each found neuron gets a ``role``:
+
+* ``"chain"``: it *fires at the first token* (its mean ``|activation|`` at position 0 is at least
+  its largest ``|activation|`` at any position >= 1, so its position ratio is measured at
+  position 0) and its down-projection row is *channel-sparse*: excess kurtosis at least
+  ``min_kurtosis`` (10) **and** at least ``min_top3_share`` (0.5) of the row's squared norm in its
+  top 3 residual dims. These are the super neurons of the chain; :attr:`SuperNeurons.chain`
+  lists them and :func:`tl_sinks.trace.trace_chain` ablates them.
+* ``"first_token"``: fires at the first token, but its down row is dense.
+* ``"other_position"``: peaks at some position >= 1 (a rare ordinary token), whatever its row.
+
+Why those thresholds. Yu et al.'s super weight is one dominant entry of a down projection
+(Llama-2-7B ``down_proj[2533, 7890]``), and the massive activation it writes lives in one to
+three residual dims. A down row that writes such dims has the majority of its squared norm in
+at most 3 of them: ``top3_share >= 0.5``. A dense
+(Gaussian) row of ``d`` dims stays below about ``6 ln(d) / d`` (its 99th percentile: 0.17 at
+``d = 192``, 0.10 at 384, 0.013 at 4096). The top-3 share alone is not enough in small models,
+where three dims are a large part of all (0.59 at ``d = 32``); the kurtosis condition guards
+that case. A Gaussian row has excess kurtosis ``0 +- sqrt(24 / d)`` (0.34 at ``d = 192``; its
+99.9th percentile is below 4 even at ``d = 32``); a row with share ``s`` of its squared norm in
+one dim and the rest dense gives about ``d s^2 - 3`` (a one-hot row ``d - 5 + 1/(d - 1)``), so
+10 is far outside the noise of a dense row, and every row the top-3 condition accepts reaches
+it once ``d`` is about 150 or more (half the norm spread evenly over 3 dims: ``d / 12 - 2``).
+In narrow models the kurtosis condition is the stricter one: a row with its norm evenly in
+``k`` dims has kurtosis about ``d / k - 3``, so a one-hot row passes from ``d = 15`` on and
+three even dims from ``d = 40`` on.
+
+Measured: the two chain super neurons of the embedded default model (L0N504, L2N168) have
+kurtosis 47 and 76 and top-3 shares 0.87 and 0.97; its five other high-ratio neurons peak at
+positions 2-14 with kurtosis below 1 and top-3 shares below 0.17 (99% of all its down rows:
+kurtosis below 5.6, top-3 share below 0.28). MiniLM's five [CLS] super neurons have kurtosis
+318-378 and top-3 shares above 0.98.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +82,10 @@ from tl_sinks.results import SinkResult
 
 DEFAULT_MIN_RATIO = 50.0
 DEFAULT_MIN_LAYER_RATIO = 5.0
+# A channel-sparse down row (see the module docstring for why these values).
+DEFAULT_MIN_KURTOSIS = 10.0
+DEFAULT_MIN_TOP3_SHARE = 0.5
+ROLES = ("chain", "first_token", "other_position")
 
 
 # --------------------------------------------------------------------------- kernels
@@ -125,6 +163,60 @@ def describe_down_rows(model: ModelLike, layers: Sequence[int], neurons: Sequenc
     return pd.DataFrame(rows, columns=DOWN_ROW_COLUMNS)
 
 
+# Columns super_neuron_roles adds to ``found``.
+ROLE_COLUMNS = ["fires_at_first", "channel_sparse", "role"]
+
+
+def super_neuron_roles(
+    first_mean_abs: Iterable[float],
+    rest_max_abs: Iterable[float],
+    down_kurtosis: Iterable[float],
+    top3_share: Iterable[float],
+    *,
+    min_kurtosis: float = DEFAULT_MIN_KURTOSIS,
+    min_top3_share: float = DEFAULT_MIN_TOP3_SHARE,
+) -> pd.DataFrame:
+    """The role of each neuron in the chain (pure kernel; one entry per neuron).
+
+    ``fires_at_first``: mean ``|activation|`` at position 0 at least the largest ``|activation|``
+    at positions >= 1. ``channel_sparse``: down-row excess kurtosis >= ``min_kurtosis`` and
+    top-3 share of its squared norm >= ``min_top3_share``. ``role``: ``"chain"`` (both),
+    ``"first_token"`` (fires at the first token, dense row) or ``"other_position"``.
+
+    Example:
+        >>> super_neuron_roles([24.0, 9.0, 0.01], [0.5, 0.1, 9.5], [47.0, 0.2, 50.0], [0.87, 0.1, 0.9])["role"].tolist()
+        ['chain', 'first_token', 'other_position']
+    """
+    first = torch.as_tensor(list(first_mean_abs), dtype=torch.float64)
+    rest = torch.as_tensor(list(rest_max_abs), dtype=torch.float64)
+    kurt = torch.as_tensor(list(down_kurtosis), dtype=torch.float64)
+    top3 = torch.as_tensor(list(top3_share), dtype=torch.float64)
+    at_first = (first >= rest).tolist()
+    sparse = ((kurt >= min_kurtosis) & (top3 >= min_top3_share)).tolist()
+    role = [("chain" if sp else "first_token") if f else "other_position" for f, sp in zip(at_first, sparse)]
+    return pd.DataFrame({"fires_at_first": at_first, "channel_sparse": sparse, "role": role}, columns=ROLE_COLUMNS)
+
+
+@dataclass(frozen=True)
+class AblationTargets:
+    """Which super neurons to ablate at position 0 to cut the chain, and why those.
+
+    Attributes:
+        neurons: ``[(layer, neuron), ...]``.
+        selection: ``"chain"``, ``"first_token"`` (the fallback when no neuron is chain) or
+            ``"none"``.
+        note: One sentence saying what was chosen.
+    """
+
+    neurons: list[tuple[int, int]]
+    selection: str
+    note: str
+
+    @property
+    def labels(self) -> list[str]:
+        return [f"L{layer}N{n}" for layer, n in self.neurons]
+
+
 
 # --------------------------------------------------------------------------- results
 @dataclass(frozen=True, kw_only=True)
@@ -146,7 +238,8 @@ class SuperNeurons(SinkResult):
             the size of the vector the neuron adds to the residual stream at its peak.
         found: One row per super neuron (``position_ratio >= min_ratio`` and
             ``layer_ratio >= min_layer_ratio``), largest ``write_norm`` first, with its
-            down-projection row's kurtosis and top residual dims.
+            down-projection row's kurtosis and top residual dims, and its ``role``
+            (``fires_at_first``, ``channel_sparse``; see :func:`super_neuron_roles`).
     """
 
     values: Tensor
@@ -169,17 +262,51 @@ class SuperNeurons(SinkResult):
         ratio = self.first_mean_abs / self.rest_mean_abs.clamp_min(torch.finfo(torch.float32).tiny)
         return SinkResult(values=ratio, dims=self.dims, value_name="first_over_rest", meta=self.meta)
 
+    def with_role(self, *roles: str) -> pd.DataFrame:
+        """The rows of ``found`` with one of ``roles`` (``"chain"``, ``"first_token"``, ``"other_position"``)."""
+        unknown = set(roles) - set(ROLES)
+        if unknown:
+            raise ValueError(f"unknown role(s) {sorted(unknown)}; roles are {list(ROLES)}")
+        return self.found[self.found["role"].isin(roles)]
+
+    @property
+    def chain(self) -> pd.DataFrame:
+        """The chain's super neurons: fire at the first token, channel-sparse down row."""
+        return self.with_role("chain")
+
+    def ablation_targets(self) -> AblationTargets:
+        """The neurons to mean-ablate at position 0: the chain super neurons, else the first-token ones."""
+        pairs = lambda f: [(int(r.layer), int(r.neuron)) for r in f.itertuples()]  # noqa: E731
+        if len(self.chain):
+            return AblationTargets(pairs(self.chain), "chain", "chain super neurons: first token, channel-sparse")
+        first = self.with_role("first_token")
+        if len(first):
+            return AblationTargets(pairs(first), "first_token", (
+                "no chain super neuron (first token and channel-sparse down row): ablating the first-token "
+                "neurons, whose down rows are dense"))
+        return AblationTargets([], "none", "no super neuron fires at the first token")
+
     def _summary_lines(self) -> list[str]:
         if self.found.empty:
             return [
                 f"no neuron with position ratio >= {self.meta.get('min_ratio')} and layer ratio "
                 f">= {self.meta.get('min_layer_ratio')}"
             ]
-        r = self.found.iloc[0]
+        labels = lambda role: ", ".join(self.with_role(role)["label"])  # noqa: E731
+        n = self.found["role"].value_counts()
+        parts = [f"{n.get('chain', 0)} chain super neuron(s) (first token, channel-sparse)"
+                 + (f": {labels('chain')}" if n.get("chain", 0) else "")]
+        if n.get("first_token", 0):
+            parts.append(f"{n['first_token']} first-token neuron(s) with a dense down row: {labels('first_token')}")
+        if n.get("other_position", 0):
+            parts.append(f"{n['other_position']} other high-ratio neuron(s) (peak elsewhere): {labels('other_position')}")
+        chain = self.chain
+        r = (chain if len(chain) else self.found).iloc[0]
         return [
-            f"{len(self.found)} super neuron(s); top {r['label']}: peak {r['max_value']:.1f} at pos "
+            "; ".join(parts),
+            f"top {r['label']} ({r['role']}): peak {r['max_value']:.1f} at pos "
             f"{r['max_pos']} ({r['str_token']!r}), {r['position_ratio']:.0f}x its mean at positions >= 1; "
-            f"down row kurtosis {r['down_kurtosis']:.0f}, top dims {r['top_dims']}"
+            f"down row kurtosis {r['down_kurtosis']:.0f}, top-3 share {r['top3_share']:.2f}, top dims {r['top_dims']}",
         ]
 
 
@@ -216,6 +343,8 @@ class SuperNeuronAccumulator:
         *,
         min_ratio: float = DEFAULT_MIN_RATIO,
         min_layer_ratio: float = DEFAULT_MIN_LAYER_RATIO,
+        min_kurtosis: float = DEFAULT_MIN_KURTOSIS,
+        min_top3_share: float = DEFAULT_MIN_TOP3_SHARE,
         top_k: int = 20,
     ) -> None:
         if not info.has_mlp or info.d_mlp is None:
@@ -225,6 +354,7 @@ class SuperNeuronAccumulator:
             )
         self.model, self.info, self.top_k = model, info, top_k
         self.min_ratio, self.min_layer_ratio = min_ratio, min_layer_ratio
+        self.min_kurtosis, self.min_top3_share = min_kurtosis, min_top3_share
         require_hooks(model, self.hook_names(), stage=self.stage)
         L, N = info.n_layers, info.d_mlp
         z = lambda: torch.zeros(L, N)  # noqa: E731
@@ -327,12 +457,16 @@ class SuperNeuronAccumulator:
                 "str_token": [to_str(int(self.max_token[layer, n])) for layer, n in zip(layers, neurons)],
                 "first_mean_abs": col(first_mean),
                 "rest_mean_abs": col(rest_mean),
+                "rest_max_abs": col(self.rest_max.cpu()),
                 "position_ratio": col(position_ratio),
                 "layer_ratio": col(layer_ratio),
                 "write_norm": col(write),
             }
         )
         found = pd.concat([found, describe_down_rows(self.model, layers, neurons)], axis=1)
+        roles = super_neuron_roles(found["first_mean_abs"], found["rest_max_abs"], found["down_kurtosis"],
+                                   found["top3_share"], min_kurtosis=self.min_kurtosis, min_top3_share=self.min_top3_share)
+        found = pd.concat([found, roles], axis=1)
         return SuperNeurons(
             values=position_ratio,
             max_abs=max_abs,
@@ -352,6 +486,8 @@ class SuperNeuronAccumulator:
                 "site": "blocks.{L}.mlp.hook_post",
                 "min_ratio": self.min_ratio,
                 "min_layer_ratio": self.min_layer_ratio,
+                "min_kurtosis": self.min_kurtosis,
+                "min_top3_share": self.min_top3_share,
                 "top_k": self.top_k,
             },
         )
@@ -364,6 +500,8 @@ def find_super_neurons(
     *,
     min_ratio: float = DEFAULT_MIN_RATIO,
     min_layer_ratio: float = DEFAULT_MIN_LAYER_RATIO,
+    min_kurtosis: float = DEFAULT_MIN_KURTOSIS,
+    min_top3_share: float = DEFAULT_MIN_TOP3_SHARE,
     top_k: int = 20,
     batch_size: int = 8,
     attention_mask: Tensor | None = None,
@@ -382,6 +520,9 @@ def find_super_neurons(
         min_ratio: Position ratio (first-token mean, or peak elsewhere, over the mean at
             positions >= 1) needed to call a neuron super.
         min_layer_ratio: Peak over the layer's median peak needed as well.
+        min_kurtosis: Down-row excess kurtosis a ``"chain"`` neuron needs (with ``min_top3_share``).
+        min_top3_share: Share of the down row's squared norm in its top 3 dims a ``"chain"``
+            neuron needs.
         top_k: At most this many super neurons are described (largest peaks first).
         batch_size: Prompts per forward pass.
         attention_mask: For a padded token tensor: 1 for real tokens.
@@ -390,7 +531,9 @@ def find_super_neurons(
         progress: Show a progress bar.
 
     Returns:
-        :class:`SuperNeurons` with ``values`` of shape ``[layer, neuron]`` and ``found``.
+        :class:`SuperNeurons` with ``values`` of shape ``[layer, neuron]`` and ``found``; each
+        found neuron has a ``role`` (``"chain"``, ``"first_token"``, ``"other_position"``), and
+        :attr:`SuperNeurons.chain` holds the chain's super neurons.
 
     Raises:
         UnsupportedModelError: For an attention-only model.
@@ -400,7 +543,8 @@ def find_super_neurons(
     (res,) = run_stages(
         model,
         prompts,
-        [lambda m, i: SuperNeuronAccumulator(m, i, min_ratio=min_ratio, min_layer_ratio=min_layer_ratio, top_k=top_k)],
+        [lambda m, i: SuperNeuronAccumulator(m, i, min_ratio=min_ratio, min_layer_ratio=min_layer_ratio,
+                                             min_kurtosis=min_kurtosis, min_top3_share=min_top3_share, top_k=top_k)],
         batch_size=batch_size,
         attention_mask=attention_mask,
         prepend_bos=prepend_bos,
@@ -471,6 +615,7 @@ def find_super_neurons_by_weights(
 
 
 __all__: Sequence[str] = [
+    "AblationTargets",
     "SuperNeuronAccumulator",
     "SuperNeurons",
     "WeightSuperNeurons",
@@ -479,4 +624,5 @@ __all__: Sequence[str] = [
     "excess_kurtosis",
     "find_super_neurons",
     "find_super_neurons_by_weights",
+    "super_neuron_roles",
 ]

@@ -2,8 +2,10 @@
 
 :func:`trace_chain` runs the links in order:
 
-1. **Super neurons -> dimension disparity -> sink -> loss.** The super neurons found by the scan
-   (or given) are mean-ablated at the first token (:class:`~tl_sinks.interventions.AblateNeurons`,
+1. **Super neurons -> dimension disparity -> sink -> loss.** The chain super neurons found by the
+   scan (first token, channel-sparse down row: ``SuperNeurons.chain``; if there are none, the
+   neurons that fire at the first token with a dense row, and ``meta["ablation_selection"]`` says
+   so), or the neurons given, are mean-ablated at the first token (:class:`~tl_sinks.interventions.AblateNeurons`,
    ``mode="mean"``: each neuron set to its mean over positions >= 1). Reported: the massive dim's
    first-token magnitude, the paper's disparity ratio, the sink rate and mean attention at
    position 0, and the next-token loss (causal models), each before and after.
@@ -36,6 +38,7 @@ from tl_sinks.interventions import AblateNeurons, AmplifyDeviation, Intervention
 from tl_sinks.results import meta_html
 from tl_sinks.scan import run_stages, scan
 from tl_sinks.sinks import DEFAULT_EPS, SinkAccumulator
+from tl_sinks.super_neurons import AblationTargets
 
 DEFAULT_LAMBDAS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
 
@@ -117,7 +120,8 @@ class ChainTrace:
             later queries (``received``) and the sink rate at ``pos`` (``sink_rate``), with the
             no-intervention ``baseline_received``.
         pos: The position of the sink-creating interventions.
-        neurons: The super neurons ablated, ``[(layer, neuron), ...]``.
+        neurons: The super neurons ablated, ``[(layer, neuron), ...]``; ``meta["ablation_selection"]``
+            says how they were chosen (``"chain"``, ``"first_token"``, ``"given"`` or ``"none"``).
         meta: Provenance.
     """
 
@@ -142,11 +146,12 @@ class ChainTrace:
     def report(self) -> str:
         lines = [f"causal-chain trace of {self.meta.get('model_name')} ({self.meta.get('n_prompts')} prompts)"]
         if self.neurons:
-            lines.append(f"ablating super neurons {', '.join(f'L{layer}N{n}' for layer, n in self.neurons)} at position 0 (mean):")
+            lines.append(f"ablating super neurons {', '.join(f'L{layer}N{n}' for layer, n in self.neurons)} at position 0 (mean; "
+                         f"{self.meta.get('ablation_note', 'given')}):")
             for r in self.links.itertuples():
                 lines.append(f"  {r.link:<28} {r.metric:<44} {r.baseline:10.4g} -> {r.intervened:10.4g} ({r.relative:+.0%})")
         else:
-            lines.append("no super neurons found: the ablation links were not measured")
+            lines.append(f"{self.meta.get('ablation_note') or 'no super neurons found'}: the ablation links were not measured")
         lines.append(f"interventions at position {self.pos}: peak attention received over layers")
         for r in self.peak_received().itertuples():
             lam = "" if math.isnan(r.lam) else f" lambda={r.lam:g}"
@@ -194,7 +199,8 @@ def trace_chain(
         prompts: Strings, token ids or a padded tensor (``None``: the built-in prompts).
         pos: Position for the sink-creating interventions (default: half the shortest prompt).
         lambdas: Amplification factors for :class:`AmplifyDeviation` and :class:`ScaleOutput`.
-        neurons: Super neurons to ablate (default: those :func:`tl_sinks.scan` finds).
+        neurons: Super neurons to ablate (default: the chain super neurons :func:`tl_sinks.scan`
+            finds, else its first-token ones; see :meth:`SuperNeurons.ablation_targets`).
         eps: Sink-rate threshold.
         batch_size, attention_mask, prepend_bos, require_bos: As for :func:`tl_sinks.scan`.
         progress: Show progress bars.
@@ -209,9 +215,11 @@ def trace_chain(
     info = inspect_model(model)
     p = _default_pos(model, prompts, **kw) if pos is None else pos
     base = scan(model, prompts, eps=eps, batch_size=batch_size, progress=progress, **kw)
-    if neurons is None:
-        found = base.super_neurons.found if base.super_neurons is not None else pd.DataFrame()
-        neurons = [(int(r.layer), int(r.neuron)) for r in found.itertuples()] if len(found) else []
+    selection, note = "given", "neurons given"
+    if neurons is None:  # the chain super neurons; first-token ones if none (ablation_targets)
+        sn = base.super_neurons
+        targets = sn.ablation_targets() if sn is not None else AblationTargets([], "none", "no super neuron stage")
+        neurons, selection, note = targets.neurons, targets.selection, targets.note
     neurons = [tuple(n) for n in neurons]  # type: ignore[misc]
     rows: list[dict[str, Any]] = []
     if neurons:
@@ -226,7 +234,8 @@ def trace_chain(
             rows.append({"link": link, "metric": metric, "baseline": b, "intervened": a, "effect": a - b,
                          "relative": (a - b) / abs(b) if b else float("nan")})
 
-        row("super neurons -> massive dim", f"mean |x| of dim {dim} at pos 0, layer {layer}",
+        row("super neurons -> massive dim" if selection != "first_token" else "first-token neurons -> massive dim",
+            f"mean |x| of dim {dim} at pos 0, layer {layer}",
             float(d0.first_mean_abs[layer, dim]), float(abl.disparity.first_mean_abs[layer, dim]))
         # Only layers after the earliest ablated neuron can change: the attention inputs of
         # layers l0+1.. (or, for a neuron in the last layer, the final residual stream).
@@ -257,7 +266,8 @@ def trace_chain(
             sweep_rows.append({"intervention": name, "lam": lam, "layer": layer, "received": float(rec[layer]),
                                "sink_rate": float(rate[layer]), "baseline_received": float(baseline[layer])})
     meta = {**base.meta, "pos": p, "lambdas": list(lambdas), "eps": eps, "attn_in_site": info.attn_in_site_description,
-            "ablation": "AblateNeurons(mode='mean', pos=0)" if neurons else None}
+            "ablation": "AblateNeurons(mode='mean', pos=0)" if neurons else None, "ablation_selection": selection,
+            "ablation_note": note, "ablated": [f"L{layer}N{n}" for layer, n in neurons]}
     return ChainTrace(links=links, sweep=pd.DataFrame(sweep_rows), pos=p, neurons=list(neurons), meta=meta)  # type: ignore[arg-type]
 
 
