@@ -29,7 +29,6 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokeniz
 import tl_sinks
 from tests.families import FAMILIES, VOCAB, build_family
 from tests.helpers import BOS, N_SPECIAL
-from tl_sinks.errors import UnsupportedModelError
 from tl_sinks.patching import clear_self_checks, logit_diff_metric, patch_sweep
 from tl_sinks.trace import trace_chain
 
@@ -40,19 +39,16 @@ PROMPTS = [[3, 17, 8, 40, 22, 5, 11], [9, 30, 2, 14], [6, 25, 19, 1, 33]]
 EPS = 0.3  # scan's default sink-rate threshold
 
 # --------------------------------------------------------------------------- known failures
-# (A) TransformerLens sets default_prepend_bos=False for these, so strings are tokenised without
-#     BOS and the BOS check refuses them.
+# Families that need non-default arguments with the current TransformerLens (NO_BOS: it sets
+# default_prepend_bos=False, so its tokenizer-free default would drop BOS; tl_sinks now follows
+# the checkpoint's own tokenizer instead). Issue 13 (A) GPT-NeoX, Qwen2/3, Phi, BLOOM refused
+# text prompts, (B) OPT with ffn_dim != 4*hidden crashed the super-neuron stage, (C) OLMo 2 had no
+# attention-input hook: all fixed, so no family is a known failure; the explicit arguments that
+# used to be needed are still tested below.
 NO_BOS = {"gpt_neox", "qwen2", "qwen3", "phi", "bloom"}
-_A = "issue 13 (A): TransformerLens' default_prepend_bos=False, prompts do not start with BOS"
-_B = "issue 13 (B): OPT with ffn_dim != 4*hidden crashes in super_neurons (TransformerLens' cfg.d_mlp is 4*hidden)"
-_C = "issue 13 (C): OLMo 2 lacks blocks.{l}.ln1.hook_out, needed by the disparity stage"
-# family -> (exception type, message pattern, reason)
-KNOWN = {
-    **{n: (ValueError, r"do not start with BOS", _A) for n in NO_BOS},
-    "opt": (RuntimeError, r"size of tensor a \(128\) must match the size of tensor b \(64\)", _B),
-    "olmo2": (UnsupportedModelError, r"disparity stage needs hook\(s\) \['blocks\.0\.ln1\.hook_out'", _C),
-}
-# The non-default arguments that make scan run today.
+# family -> (exception type, message pattern, reason): a strict xfail on exactly that error.
+KNOWN: dict[str, tuple[type[Exception], str, str]] = {}
+# Explicit arguments (what these families needed before the defaults followed the tokenizer).
 SCAN_WORKAROUND = {
     **{n: {"prepend_bos": True} for n in NO_BOS},
     "opt": {"stages": ["sinks", "aggregation", "disparity"]},
