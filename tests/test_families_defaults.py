@@ -205,6 +205,30 @@ def test_explicit_arguments_still_win(checkpoint):
     assert r.meta["pos0_is_bos"] is False and r.meta["first_token"]["source"] == "user"
 
 
+@pytest.mark.parametrize("family", ["gpt_neox", "qwen2"])
+def test_each_stage_and_the_cli_follow_the_tokenizer_too(checkpoint, family, tmp_path, capsys):
+    # The per-stage entry points and `tl-sinks scan` used to pass require_bos=True explicitly.
+    from tl_sinks import cli
+
+    path, model = checkpoint(family, False)
+    texts = _texts(family)
+    whole = tl_sinks.scan(model, texts, batch_size=2, progress=False)
+    sinks = tl_sinks.compute_sink_scores(model, texts, batch_size=2, progress=False)
+    torch.testing.assert_close(sinks.values, whole.sinks.values)
+    agg = tl_sinks.compute_value_aggregation(model, texts, batch_size=2, progress=False)
+    torch.testing.assert_close(agg.values, whole.aggregation.values)
+    sn = tl_sinks.find_super_neurons(model, texts, batch_size=2, progress=False)
+    torch.testing.assert_close(sn.values, whole.super_neurons.values)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    out = tmp_path / "scan.json"
+    assert cli.main(["scan", "--model", str(path), "--prompts", str(prompts), "--json", str(out), "--no-progress"]) == 0
+    import json
+
+    meta = json.loads(out.read_text(encoding="utf-8"))["meta"]
+    assert meta["first_token"]["source"] == SOURCE_NO_BOS
+
+
 @pytest.mark.parametrize(
     ("family", "adds_bos"), [("gpt_neox", True), ("gpt_neox", False), ("qwen2", False)]
 )

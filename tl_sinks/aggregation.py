@@ -223,7 +223,7 @@ def compute_value_aggregation(
     batch_size: int = 8,
     attention_mask: Tensor | None = None,
     prepend_bos: bool | None = None,
-    require_bos: bool = True,
+    require_bos: bool | None = None,
     progress: bool = False,
 ) -> ValueAggregation:
     """Value Aggregation.
@@ -236,8 +236,9 @@ def compute_value_aggregation(
         prompts: Strings, a ``[batch, pos]`` token tensor, or token-id lists.
         batch_size: Prompts per forward pass.
         attention_mask: For a padded token tensor: 1 for real tokens.
-        prepend_bos: For strings, whether to prepend BOS (``None``: the model's default).
-        require_bos: Raise unless every prompt starts with BOS.
+        prepend_bos: For strings, whether to prepend BOS (``None``: as the checkpoint's tokenizer does).
+        require_bos: Raise unless every prompt starts with BOS (``None``: only if the
+            checkpoint's tokenizer adds one; see :func:`tl_sinks._inputs.first_token_policy`).
         progress: Show a progress bar.
 
     Returns:

@@ -242,7 +242,7 @@ def _scan(args: argparse.Namespace, prompts: list[str] | None) -> int:
     model = _load(args)
     try:
         result = tl_sinks.scan(model, prompts, batch_size=args.batch_size, eps=args.eps,
-                               require_bos=not args.no_require_bos, progress=not args.no_progress)
+                               require_bos=False if args.no_require_bos else None, progress=not args.no_progress)
     except (ValueError, NotImplementedError) as e:
         raise CliError(_one_line(e), EXIT_REFUSED) from None
     print(result.report())

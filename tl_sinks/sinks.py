@@ -367,7 +367,7 @@ def compute_sink_scores(
     batch_size: int = 8,
     attention_mask: Tensor | None = None,
     prepend_bos: bool | None = None,
-    require_bos: bool = True,
+    require_bos: bool | None = None,
     progress: bool = False,
 ) -> SinkScores:
     """Sink Scores.
@@ -383,8 +383,9 @@ def compute_sink_scores(
         exclude_self: Drop the diagonal (a key attending to itself) from ``alpha``.
         batch_size: Prompts per forward pass.
         attention_mask: For a padded token tensor: 1 for real tokens.
-        prepend_bos: For strings, whether to prepend BOS (``None``: the model's default).
-        require_bos: Raise unless every prompt starts with BOS ([CLS] for BERT).
+        prepend_bos: For strings, whether to prepend BOS (``None``: as the checkpoint's tokenizer does).
+        require_bos: Raise unless every prompt starts with BOS ([CLS] for BERT) (``None``: only if the
+            checkpoint's tokenizer adds one; see :func:`tl_sinks._inputs.first_token_policy`).
         progress: Show a progress bar.
 
     Returns:

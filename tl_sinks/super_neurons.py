@@ -506,7 +506,7 @@ def find_super_neurons(
     batch_size: int = 8,
     attention_mask: Tensor | None = None,
     prepend_bos: bool | None = None,
-    require_bos: bool = True,
+    require_bos: bool | None = None,
     progress: bool = False,
 ) -> SuperNeurons:
     """Find Super Neurons.
@@ -526,8 +526,9 @@ def find_super_neurons(
         top_k: At most this many super neurons are described (largest peaks first).
         batch_size: Prompts per forward pass.
         attention_mask: For a padded token tensor: 1 for real tokens.
-        prepend_bos: For strings, whether to prepend BOS (``None``: the model's default).
-        require_bos: Raise unless every prompt starts with BOS.
+        prepend_bos: For strings, whether to prepend BOS (``None``: as the checkpoint's tokenizer does).
+        require_bos: Raise unless every prompt starts with BOS (``None``: only if the
+            checkpoint's tokenizer adds one; see :func:`tl_sinks._inputs.first_token_policy`).
         progress: Show a progress bar.
 
     Returns:
