@@ -18,7 +18,7 @@ from tl_sinks.aggregation import ValueAggregation, compute_value_aggregation
 from tl_sinks.disparity import DimensionDisparity, compute_dimension_disparity
 from tl_sinks.errors import NonFiniteActivationError, UnsupportedModelError
 from tl_sinks.loading import ModelNotAvailableError, load_model
-from tl_sinks.results import SinkResult
+from tl_sinks.results import ResultFileError, SinkResult, load_result
 from tl_sinks.scan import ScanResult, builtin_prompts, scan
 from tl_sinks.sinks import SinkScores, compute_sink_scores
 from tl_sinks.super_neurons import (
@@ -35,6 +35,7 @@ __all__ = [
     "ModelInfo",
     "ModelNotAvailableError",
     "NonFiniteActivationError",
+    "ResultFileError",
     "ScanResult",
     "SinkResult",
     "SinkScores",
@@ -52,5 +53,6 @@ __all__ = [
     "find_super_neurons_by_weights",
     "inspect_model",
     "load_model",
+    "load_result",
     "scan",
 ]
