@@ -224,7 +224,8 @@ def compute_value_aggregation(
     attention_mask: Tensor | None = None,
     prepend_bos: bool | None = None,
     require_bos: bool | None = None,
-    progress: bool = False,
+    progress: bool = True,
+    cache: Any = None,
 ) -> ValueAggregation:
     """Value Aggregation.
 
@@ -239,7 +240,11 @@ def compute_value_aggregation(
         prepend_bos: For strings, whether to prepend BOS (``None``: as the checkpoint's tokenizer does).
         require_bos: Raise unless every prompt starts with BOS (``None``: only if the
             checkpoint's tokenizer adds one; see :func:`tl_sinks._inputs.first_token_policy`).
-        progress: Show a progress bar.
+        progress: Show a progress bar (it disappears when done; ignored with ``cache``).
+        cache: An ``ActivationCache`` from ``model.run_with_cache`` (or a mapping of hook names to
+            tensors) holding ``blocks.{L}.attn.hook_z`` for every layer. The statistics are then
+            computed from it, with the same reductions, instead of a forward pass; ``prompts`` must
+            be the tokens it was computed on (still required: the BOS and padding checks read them).
 
     Returns:
         :class:`ValueAggregation` with ``values`` of shape ``[layer, head_index, pos]``.
@@ -255,6 +260,7 @@ def compute_value_aggregation(
         prepend_bos=prepend_bos,
         require_bos=require_bos,
         progress=progress,
+        cache=cache,
     )
     return res
 

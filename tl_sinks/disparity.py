@@ -477,7 +477,8 @@ def compute_dimension_disparity(
     attention_mask: Tensor | None = None,
     prepend_bos: bool | None = None,
     require_bos: bool | None = None,
-    progress: bool = False,
+    progress: bool = True,
+    cache: Any = None,
 ) -> DimensionDisparity:
     """Dimension Disparity.
 
@@ -495,7 +496,15 @@ def compute_dimension_disparity(
         prepend_bos: For strings, whether to prepend BOS (``None``: as the checkpoint's tokenizer does).
         require_bos: Raise unless every prompt starts with BOS (``None``: only if the checkpoint's
             tokenizer adds one; see :func:`tl_sinks.scan`).
-        progress: Show a progress bar.
+        progress: Show a progress bar (it disappears when done; ignored with ``cache``).
+        cache: An ``ActivationCache`` from ``model.run_with_cache`` (or a mapping of hook names to
+            tensors) holding the residual sites it reads: ``blocks.0.hook_resid_pre``, each block's
+            residual stream (``hook_resid_post``; ``ln2.hook_in`` for post-LN models), the
+            attention's input (``ln1.hook_out``; ``hook_resid_pre`` post-LN, ``attn.hook_in``
+            without a pre-attention norm), ``hook_attn_out`` and ``hook_mlp_out``. The statistics
+            are then computed from it, with the same reductions, instead of a forward pass;
+            ``prompts`` must be the tokens it was computed on (still required: the BOS and padding
+            checks read them).
 
     Returns:
         :class:`DimensionDisparity` with ``values`` of shape ``[layer, pos]``.
@@ -511,6 +520,7 @@ def compute_dimension_disparity(
         prepend_bos=prepend_bos,
         require_bos=require_bos,
         progress=progress,
+        cache=cache,
     )
     return res
 

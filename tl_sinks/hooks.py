@@ -189,6 +189,119 @@ def run_accumulators(
         bar.close()
 
 
+class CachedHook:
+    """Stands in for the ``HookPoint`` a hook function receives when fed from a cache.
+
+    Accumulator hooks read only ``hook.name`` (to name a non-finite activation).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"CachedHook({self.name!r})"
+
+
+def cached_activation(cache: Any, model: ModelLike, name: str) -> Tensor | None:
+    """``cache[name]`` from an ``ActivationCache`` or a mapping; ``None`` if it lacks the hook.
+
+    Also tried: the name the model's ``hook_dict`` resolves ``name`` to (TransformerBridge
+    aliases). A cache made with ``remove_batch_dim=True`` gets its batch dim of 1 back.
+    """
+    def get(n: str) -> Tensor | None:
+        try:
+            t = cache[n]
+        except (KeyError, IndexError, ValueError, TypeError):
+            return None
+        if not isinstance(t, Tensor):
+            return None
+        return t.unsqueeze(0) if getattr(cache, "has_batch_dim", True) is False else t
+
+    t = get(name)
+    if t is None:  # the bridge's hook_dict is costly to build: only for names the cache lacks
+        hp = getattr(model, "hook_dict", {}).get(name)
+        alias = getattr(hp, "name", None)
+        if isinstance(alias, str) and alias != name:
+            t = get(alias)
+    return t
+
+
+def _trim_to_batch(t: Tensor, name: str, batch: TokenBatch) -> Tensor:
+    """Check a cached activation against the batch (prompts, positions); drop extra padded positions."""
+    B, P = batch.tokens.shape
+    pattern = name.endswith(".hook_pattern") or name.endswith(".hook_attn_scores")
+    if t.ndim < (4 if pattern else 3) or t.shape[0] != B:
+        raise ValueError(
+            f"the cache's {name} has shape {tuple(t.shape)}, but {B} prompt(s) were given: pass the "
+            "tokens the cache was computed on (a [batch, pos, ...] cache)"
+        )
+    n_pos = t.shape[-1] if pattern else t.shape[1]
+    if n_pos < P or (pattern and t.shape[-2] != n_pos):
+        raise ValueError(
+            f"the cache's {name} has shape {tuple(t.shape)}, covering {n_pos} positions, but the longest "
+            f"prompt has {P} tokens: pass the tokens the cache was computed on"
+        )
+    if n_pos == P:
+        return t
+    return t[..., :P, :P] if pattern else t[:, :P]  # trailing padding every row has: never read
+
+
+def run_cached(
+    model: ModelLike,
+    info: ModelInfo,
+    prepared: PreparedPrompts,
+    accumulators: Sequence[Accumulator],
+    cache: Any,
+) -> None:
+    """Feed activations from a precomputed cache through the accumulators' own hooks.
+
+    The same hook functions and reductions as :func:`run_accumulators`, called with the cached
+    tensors instead of during a forward pass: ``prepared`` is treated as one right-padded batch
+    holding every prompt, in order, which must be the batch the cache was computed on.
+
+    Args:
+        model: The model (for hook-name aliases and the tokenizer's pad id).
+        info: Its :class:`~tl_sinks._compat.ModelInfo`.
+        prepared: The validated prompts the cache was computed on.
+        accumulators: Stage accumulators.
+        cache: A ``transformer_lens.ActivationCache`` or a mapping from hook names to tensors
+            holding every hook the accumulators read.
+
+    Raises:
+        ValueError: The cache lacks a hook (all missing hooks are named), or its tensors do not
+            match the prompts (number of prompts, positions).
+        NonFiniteActivationError: If a cached activation read by a stage is NaN or inf.
+    """
+    pad_id = info.pad_token_id if info.pad_token_id is not None else 0
+    batch = next(iter_batches(prepared, max(len(prepared), 1), pad_id=pad_id))
+    names = list(dict.fromkeys(n for acc in accumulators for n in acc.hook_names()))
+    acts: dict[str, Tensor] = {}
+    missing = []
+    for n in names:
+        t = cached_activation(cache, model, n)
+        if t is None:
+            missing.append(n)
+        else:
+            acts[n] = t
+    if missing:
+        stages = ", ".join(dict.fromkeys(a.stage for a in accumulators))
+        more = f" (and {len(missing) - 1} more: {', '.join(missing[1:4])}{' ...' if len(missing) > 4 else ''})" if len(missing) > 1 else ""
+        raise ValueError(
+            f"the cache lacks {missing[0]}{more}, which the {stages} stage reads; run run_with_cache "
+            "without names_filter, or with one that keeps it"
+        )
+    batch = batch.to(next(iter(acts.values())).device)
+    acts = {n: _trim_to_batch(t, n, batch) for n, t in acts.items()}
+    guard = FiniteGuard()
+    with torch.no_grad():
+        for acc in accumulators:
+            for name, fn in acc.fwd_hooks(batch, guard):
+                fn(acts[name], CachedHook(name))
+        guard.check(batch)
+        for acc in accumulators:
+            acc.end_batch(batch)
+
+
 def bind_index(fn: Callable[..., None], index: int) -> HookFn:
     """A TransformerLens hook ``(tensor, hook)`` that calls ``fn(tensor, hook, index)``."""
 

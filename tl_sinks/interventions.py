@@ -810,10 +810,22 @@ class HeadRMSNorm(Intervention):
 
 
 def intervention_hooks(
-    model: ModelLike, specs: Sequence[Intervention], valid: Tensor | None = None, info: ModelInfo | None = None
+    model: ModelLike,
+    specs: Intervention | Sequence[Intervention],
+    valid: Tensor | None = None,
+    info: ModelInfo | None = None,
 ) -> list[tuple[str, HookFn]]:
-    """All forward hooks of ``specs``, in order."""
+    """All forward hooks of ``specs`` (a sequence of interventions, or one), in order.
+
+    Example:
+        >>> intervention_hooks(model, SelfOnlyMask(pos=3))        # doctest: +SKIP
+        >>> intervention_hooks(model, [SelfOnlyMask(pos=3), ScaleOutput(pos=3, lam=2.0)])  # doctest: +SKIP
+    """
     info = info or inspect_model(model)
+    if isinstance(specs, Intervention):
+        specs = [specs]
+    elif not hasattr(specs, "__iter__"):
+        raise TypeError(f"{specs!r} is not a tl_sinks intervention or a sequence of them")
     out: list[tuple[str, HookFn]] = []
     for s in specs:
         if not isinstance(s, Intervention):

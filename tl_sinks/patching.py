@@ -410,7 +410,7 @@ def execute(sweep: _Sweep, plan: PatchPlan, *, progress: bool = False) -> tuple[
     values[plan.unchanged] = sweep.corrupted_value.cpu()
     prefix_caches: dict[int, Any] = {}
     n_skipped = 0
-    for ps in tqdm(plan.passes, disable=not progress, desc=f"patching {sweep.site}", unit="forward"):
+    for ps in tqdm(plan.passes, disable=not progress, desc=f"patching {sweep.site}", unit="forward", leave=False):
         chunk = sweep.rows[ps.rows]
         K, p0, s0 = len(chunk), ps.start_pos, ps.start_layer
         hooks = _pass_hooks(sweep, chunk, p0)
@@ -678,7 +678,7 @@ def patch_sweep(
     patches_per_forward: int | None = None,
     metric_site: str | None = None,
     attention_mask: Tensor | None = None,
-    progress: bool = False,
+    progress: bool = True,
     reuse_prefix: bool | None = None,
     skip_layers: bool | None = None,
     skip_unchanged: bool = True,
@@ -704,7 +704,8 @@ def patch_sweep(
         patches_per_forward: Patches per forward pass (default: as many as fit in 64 prompts).
         metric_site: Hook whose activation the metric reads instead of the logits.
         attention_mask: Padding mask shared by the clean and corrupted inputs.
-        progress: Show a progress bar.
+        progress: Show a progress bar over the forward passes (default, as in :func:`tl_sinks.scan`;
+            it disappears when the sweep ends).
         reuse_prefix: Under a causal mask a patch at position ``p`` leaves positions ``< p``
             as in the corrupted run, so each forward pass can start at its first patched
             position from the corrupted run's cached keys and values (about half the compute

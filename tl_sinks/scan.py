@@ -34,8 +34,8 @@ from tl_sinks.disparity import (
     DimensionDisparity,
     DisparityAccumulator,
 )
-from tl_sinks.hooks import Accumulator, run_accumulators
-from tl_sinks.results import meta_html
+from tl_sinks.hooks import Accumulator, run_accumulators, run_cached
+from tl_sinks.results import SavableResult, _clip, meta_html
 from tl_sinks.sinks import DEFAULT_EPS, SinkAccumulator, SinkScores
 from tl_sinks.super_neurons import (
     DEFAULT_MIN_LAYER_RATIO,
@@ -63,24 +63,44 @@ def run_stages(
     prepend_bos: bool | None = None,
     require_bos: bool | None = None,
     progress: bool = False,
-    interventions: Sequence[Any] = (),
+    interventions: Any = (),
+    cache: Any = None,
 ) -> list[Any]:
     """Validate prompts, build the accumulators, run the corpus once, return their results.
 
-    ``interventions`` (:mod:`tl_sinks.interventions` specs) are applied in every forward pass,
-    before the accumulators read the activations; their hooks get each batch's padding mask.
-    Under a spec that edits the attention pattern, ``meta["pattern_edits"]`` records how the
-    pattern stages read saw it, and a model whose readout self-check failed raises instead
-    (see :func:`tl_sinks.interventions.check_pattern_readers`).
-    """
-    from tl_sinks.interventions import check_pattern_readers, intervention_hooks
+    ``interventions`` (:mod:`tl_sinks.interventions` specs, or one spec) are applied in every
+    forward pass, before the accumulators read the activations; their hooks get each batch's
+    padding mask. Under a spec that edits the attention pattern, ``meta["pattern_edits"]``
+    records how the pattern stages read saw it, and a model whose readout self-check failed
+    raises instead (see :func:`tl_sinks.interventions.check_pattern_readers`).
 
+    With ``cache`` (an ``ActivationCache`` or a mapping of hook names to tensors) no forward
+    pass runs: the accumulators' hooks are fed the cached tensors (:func:`tl_sinks.hooks.run_cached`),
+    so the numbers are those of a forward pass on the same batch. ``prompts`` must then be the
+    tokens the cache was computed on (they are validated as usual: BOS, padding); a padded
+    token tensor must be right-padded.
+    """
+    from tl_sinks.interventions import Intervention, check_pattern_readers, intervention_hooks
+
+    if prompts is None:
+        raise ValueError(
+            "no prompts given" + ("; with cache=, pass the tokens the cache was computed on (the BOS "
+                                  "and padding checks read them)" if cache is not None else "")
+        )
     info = inspect_model(model)
     prepared = prepare_prompts(
         model, info, prompts, attention_mask=attention_mask, prepend_bos=prepend_bos, require_bos=require_bos
     )
     accs = [f(model, info) for f in factories]
-    specs = list(interventions)
+    specs = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+    if cache is not None:
+        if specs:
+            raise ValueError("interventions cannot be applied to a precomputed cache; run the model under "
+                             "intervene(...) when you make the cache, or pass prompts without cache=")
+        _check_right_padded(attention_mask)
+        run_cached(model, info, prepared, accs, cache)
+        meta = {**base_meta(model, info), **prepared.meta(), "batch_size": len(prepared), "source": "cache"}
+        return [a.result(meta) for a in accs]  # type: ignore[attr-defined]
     intervention_hooks(model, specs, None, info)  # validate specs before the first batch
     reads_pattern = any(n.endswith("attn.hook_pattern") for a in accs for n in a.hook_names())
     pattern_edits = check_pattern_readers(model, info, specs, reads_pattern=reads_pattern)
@@ -97,8 +117,20 @@ def run_stages(
     return [a.result(meta) for a in accs]  # type: ignore[attr-defined]
 
 
+def _check_right_padded(attention_mask: Tensor | None) -> None:
+    """Cached activations sit where the tokens were: position 0 must be each row's first token."""
+    if attention_mask is None:
+        return
+    am = attention_mask.detach().cpu().long()
+    if am.ndim == 2 and am.shape[1] > 1 and bool((am[:, 1:] > am[:, :-1]).any()):
+        raise ValueError(
+            "with cache=, a padded token tensor must be right-padded (attention_mask 1...1 0...0 in "
+            "every row): the cached positions of a left-padded batch do not start at the first token"
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
-class ScanResult:
+class ScanResult(SavableResult):
     """All four stages of one scan, and the headline findings.
 
     Attributes:
@@ -207,6 +239,29 @@ class ScanResult:
     def __str__(self) -> str:
         return self.report()
 
+    def __repr__(self) -> str:
+        """Compact: each stage's class and dims, and the headline numbers (``print(result)`` for the report)."""
+        m = self.meta
+        lines = [f"ScanResult of {m.get('model_name')} ({m.get('attention')} attention; "
+                 f"{m.get('n_prompts')} prompts, {m.get('n_tokens')} tokens)"]
+        for name in STAGES:
+            res = getattr(self, name)
+            if res is not None:
+                lines.append(f"  {name}: {repr(res).splitlines()[0]}")
+            elif name in self.skipped:
+                lines.append(f"  {name}: skipped ({_clip(self.skipped[name], 120)})")
+        try:
+            summary = self.summary()
+        except Exception as e:  # a repr must not raise
+            summary = {"summary": f"unavailable ({type(e).__name__})"}
+        keys = ("sink_rate_pos0", "ratio_to_uniform_pos0", "var_ratio_first_rest_median", "n_super_neurons",
+                "top_super_neuron", "massive_dim_pos0", "massive_dim_layer", "disparity_pos0_attn_in", "summary")
+        shown = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items() if k in keys]
+        if shown:
+            lines.append("  " + _clip(", ".join(shown), 400))
+        lines.append("  print(result) for the report, result.summary() for every headline number")
+        return "\n".join(lines)
+
     def _repr_html_(self) -> str:
         body = "<br>".join(html.escape(s) for s in self.report().splitlines())
         return f"<div><b>ScanResult</b><br>{body}<details><summary>meta</summary>{meta_html(self.meta)}</details></div>"
@@ -228,7 +283,8 @@ def scan(
     prepend_bos: bool | None = None,
     require_bos: bool | None = None,
     progress: bool = True,
-    interventions: Sequence[Any] = (),
+    interventions: Any = (),
+    cache: Any = None,
 ) -> ScanResult:
     """Scan a corpus for every stage of the attention-sink causal chain.
 
@@ -253,9 +309,12 @@ def scan(
             if the checkpoint's tokenizer adds one; if it adds none (Pythia's and Qwen's
             do not), position 0 is analysed as it is (the causal mask makes it the first position, where
             the sink forms). ``meta["first_token"]`` records what was done and why.
-        progress: Show a progress bar.
-        interventions: :mod:`tl_sinks.interventions` specs applied in every forward pass (the
-            scan then measures the intervened model).
+        progress: Show a progress bar (it disappears when the scan ends).
+        interventions: :mod:`tl_sinks.interventions` specs (or one spec) applied in every
+            forward pass (the scan then measures the intervened model).
+        cache: An ``ActivationCache`` (or a mapping of hook names to tensors) already computed
+            on ``prompts``, which must then be those tokens: the stages read it instead of
+            running the model (same numbers). It must hold every hook the chosen stages read.
 
     Returns:
         :class:`ScanResult`.
@@ -294,6 +353,7 @@ def scan(
         require_bos=require_bos,
         progress=progress,
         interventions=interventions,
+        cache=cache,
     )
     by_stage = dict(zip(chosen, results))
     meta = dict(results[0].meta)

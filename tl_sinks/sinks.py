@@ -368,7 +368,8 @@ def compute_sink_scores(
     attention_mask: Tensor | None = None,
     prepend_bos: bool | None = None,
     require_bos: bool | None = None,
-    progress: bool = False,
+    progress: bool = True,
+    cache: Any = None,
 ) -> SinkScores:
     """Sink Scores.
 
@@ -386,7 +387,12 @@ def compute_sink_scores(
         prepend_bos: For strings, whether to prepend BOS (``None``: as the checkpoint's tokenizer does).
         require_bos: Raise unless every prompt starts with BOS ([CLS] for BERT) (``None``: only if the
             checkpoint's tokenizer adds one; see :func:`tl_sinks._inputs.first_token_policy`).
-        progress: Show a progress bar.
+        progress: Show a progress bar (it disappears when done; ignored with ``cache``).
+        cache: An ``ActivationCache`` from ``model.run_with_cache`` (or a mapping of hook names to
+            tensors) holding ``blocks.{L}.attn.hook_pattern`` for every layer. The statistics are
+            then computed from it, with the same reductions, instead of a forward pass; ``prompts``
+            must be the tokens it was computed on (still required: the BOS and padding checks read
+            them).
 
     Returns:
         :class:`SinkScores` with ``values`` of shape ``[layer, head_index, key_pos]``.
@@ -406,6 +412,7 @@ def compute_sink_scores(
         prepend_bos=prepend_bos,
         require_bos=require_bos,
         progress=progress,
+        cache=cache,
     )
     return res
 

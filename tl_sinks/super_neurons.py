@@ -507,7 +507,8 @@ def find_super_neurons(
     attention_mask: Tensor | None = None,
     prepend_bos: bool | None = None,
     require_bos: bool | None = None,
-    progress: bool = False,
+    progress: bool = True,
+    cache: Any = None,
 ) -> SuperNeurons:
     """Find Super Neurons.
 
@@ -529,7 +530,11 @@ def find_super_neurons(
         prepend_bos: For strings, whether to prepend BOS (``None``: as the checkpoint's tokenizer does).
         require_bos: Raise unless every prompt starts with BOS (``None``: only if the
             checkpoint's tokenizer adds one; see :func:`tl_sinks._inputs.first_token_policy`).
-        progress: Show a progress bar.
+        progress: Show a progress bar (it disappears when done; ignored with ``cache``).
+        cache: An ``ActivationCache`` from ``model.run_with_cache`` (or a mapping of hook names to
+            tensors) holding ``blocks.{L}.mlp.hook_post`` for every layer. The statistics are then
+            computed from it, with the same reductions, instead of a forward pass; ``prompts`` must
+            be the tokens it was computed on (still required: the BOS and padding checks read them).
 
     Returns:
         :class:`SuperNeurons` with ``values`` of shape ``[layer, neuron]`` and ``found``; each
@@ -551,6 +556,7 @@ def find_super_neurons(
         prepend_bos=prepend_bos,
         require_bos=require_bos,
         progress=progress,
+        cache=cache,
     )
     return res
 
