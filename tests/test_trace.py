@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -83,3 +84,15 @@ def test_encoders_have_no_loss_link(minilm):
     assert "next-token loss" not in set(t.links["metric"])
     with pytest.raises(ValueError, match="causal models only"):
         next_token_loss(minilm, ["the cat sat"])
+
+
+def test_trace_prints_briefly_and_round_trips(trace, tmp_path):
+    from tl_sinks.trace import ChainTrace
+
+    text = repr(trace)
+    assert text.startswith("ChainTrace(pos=7") and len(text) < 2000 and "next-token loss" in text
+    back = ChainTrace.load(trace.save(tmp_path / "trace.safetensors"))
+    assert back.pos == trace.pos and [tuple(n) for n in back.neurons] == trace.neurons
+    pd.testing.assert_frame_equal(back.links, trace.links)
+    pd.testing.assert_frame_equal(back.sweep, trace.sweep)
+    assert tl_sinks.load_result(tmp_path / "trace.safetensors").report() == trace.report()

@@ -35,7 +35,7 @@ from tl_sinks._inputs import TokenBatch, prepare_prompts
 from tl_sinks._types import HookFn, ModelLike
 from tl_sinks.hooks import FiniteGuard
 from tl_sinks.interventions import AblateNeurons, AmplifyDeviation, Intervention, ScaleOutput, SelfOnlyMask
-from tl_sinks.results import meta_html
+from tl_sinks.results import SavableResult, meta_html
 from tl_sinks.scan import run_stages, scan
 from tl_sinks.sinks import DEFAULT_EPS, SinkAccumulator
 from tl_sinks.super_neurons import AblationTargets
@@ -109,9 +109,9 @@ def attention_to(
     return s.values[:, :, pos].mean(1), s.above_eps[:, :, pos].mean(1)
 
 
-@dataclass(frozen=True, kw_only=True)
-class ChainTrace:
-    """The causal chain, link by link.
+@dataclass(frozen=True, kw_only=True, repr=False)
+class ChainTrace(SavableResult):
+    """The causal chain, link by link (``save(path)`` / ``ChainTrace.load(path)`` like every result).
 
     Attributes:
         links: One row per measured link: ``link``, ``metric``, ``baseline``, ``intervened``,
@@ -134,6 +134,13 @@ class ChainTrace:
     def to_frame(self) -> pd.DataFrame:
         """The links table."""
         return self.links.copy()
+
+    def __repr__(self) -> str:
+        ablated = ", ".join(f"L{layer}N{n}" for layer, n in self.neurons) or "none"
+        lines = [f"ChainTrace(pos={self.pos}, ablated={ablated}, {len(self.links)} links, {len(self.sweep)} sweep rows)"]
+        for r in self.links.itertuples():
+            lines.append(f"  {r.link}: {r.metric} {r.baseline:.4g} -> {r.intervened:.4g}")
+        return "\n".join(lines)
 
     def peak_received(self) -> pd.DataFrame:
         """Per (intervention, lambda): the largest per-layer attention received by ``pos``."""
