@@ -147,6 +147,19 @@ def test_f32_round_trip_equals_the_checkpoint(tied, bpe_llama_dir, tied_llama_di
     assert tl_sinks.describe_processing(same)["gguf"]["file"] == str(path)
 
 
+def test_processing_and_dtype_apply_to_gguf_models(exported, bpe_llama_dir):
+    tokens = tokens_for(tl_sinks.load_model(bpe_llama_dir, device="cpu"))
+    tl = tl_sinks.load_model(exported["F32"], device="cpu", processing="tl")
+    ref = tl_sinks.load_model(bpe_llama_dir, device="cpu", processing="tl")
+    assert tl_sinks.describe_processing(tl)["fold_ln"] is True
+    torch.testing.assert_close(logits(tl, tokens), logits(ref, tokens), rtol=0, atol=1e-5)
+    half = tl_sinks.load_model(exported["F16"], device="cpu", dtype=torch.float16)
+    proc = tl_sinks.describe_processing(half)
+    assert proc["gguf"]["dequantized_to"] == "float16" and proc["dtype"] == "torch.float16"
+    ref = tl_sinks.load_model(bpe_llama_dir, device="cpu", dtype=torch.float16)
+    torch.testing.assert_close(logits(half, tokens), logits(ref, tokens), rtol=0, atol=0)  # same fp16 weights
+
+
 def test_f16_is_the_checkpoint_rounded_to_half(exported, bpe_llama_dir, reference):
     model = tl_sinks.load_model(exported["F16"], device="cpu")
     rounded = reference_with(bpe_llama_dir, lambda w: w.half().float())
@@ -337,6 +350,13 @@ def test_non_finite_weights(bpe_llama_dir, tmp_path):
     with pytest.raises(ModelLoadError) as e:
         tl_sinks.load_model(path, device="cpu")
     assert str(path) in one_line(e) and "NaN" in str(e.value)
+
+
+def test_missing_gguf_path(tmp_path):
+    with pytest.raises(tl_sinks.ModelNotAvailableError, match="does not exist .no such GGUF file."):
+        tl_sinks.load_model("model.gguf")
+    with pytest.raises(tl_sinks.ModelNotAvailableError, match="no config.json"):
+        tl_sinks.load_model(tmp_path)  # an empty directory is no GGUF folder either
 
 
 def test_directory_with_several_gguf_files(exported):

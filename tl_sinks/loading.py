@@ -303,6 +303,8 @@ def resolve_model_path(name_or_path: str | os.PathLike[str], *, revision: str | 
             return str(p), "gguf"
         raise ModelNotAvailableError(f"{p} is a file; pass the model's directory (with config.json) or a .gguf file")
     name = str(name_or_path)
+    if name.lower().endswith(".gguf"):
+        raise ModelNotAvailableError(f"{name} does not exist (no such GGUF file)")
     if isinstance(name_or_path, os.PathLike) or _looks_like_path(name):
         raise ModelNotAvailableError(f"{name} does not exist (no such model directory)")
     snap = _cached_snapshot(name, revision)
