@@ -423,11 +423,14 @@ def test_default_model_q8_0_keeps_the_chain(tmp_path):
     from tl_sinks.train.default_model import default_model_path
 
     src = default_model_path()
-    base = tl_sinks.scan(tl_sinks.load_model("default", device="cpu"), progress=False)
-    f32 = tl_sinks.scan(tl_sinks.load_model(export_gguf(src, tmp_path / "f32.gguf"), device="cpu"), progress=False)
-    q8 = tl_sinks.scan(
-        tl_sinks.load_model(export_gguf(src, tmp_path / "q8.gguf", quantization="Q8_0"), device="cpu"), progress=False
-    )
+    models = {
+        "base": tl_sinks.load_model("default", device="cpu"),
+        "f32": tl_sinks.load_model(export_gguf(src, tmp_path / "f32.gguf"), device="cpu"),
+        "q8": tl_sinks.load_model(export_gguf(src, tmp_path / "q8.gguf", quantization="Q8_0"), device="cpu"),
+    }
+    for text in tl_sinks.builtin_prompts() + PROBES:  # the file's tokenizer gives the checkpoint's ids
+        assert models["q8"].tokenizer.encode(text) == models["base"].tokenizer.encode(text), text
+    base, f32, q8 = (tl_sinks.scan(m, progress=False) for m in models.values())
     b, f, q = base.summary(), f32.summary(), q8.summary()
     for key in ("sink_rate_pos0", "mean_received_pos0", "top_super_neuron_peak", "massive_dim_value"):
         assert f[key] == pytest.approx(b[key], abs=1e-5), key
