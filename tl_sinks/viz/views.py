@@ -86,6 +86,9 @@ class OfflineView:
     that circuitsvis renders as markup (the token strings of ``ColoredTokens``,
     ``ColoredTokensMulti`` and ``TextNeuronActivations``) html-escaped.
 
+    ``repr(view)`` and ``print(view)`` give one line (the element, what it shows, the colour
+    scale); the page itself is ``_repr_html_`` (Jupyter), ``local_src`` or :meth:`save`.
+
     Attributes:
         element: The circuitsvis React element, e.g. ``"AttentionHeads"``.
         props: Its properties (JSON-serialisable), as given.
@@ -122,8 +125,24 @@ class OfflineView:
     def _repr_html_(self) -> str:
         return self.local_src
 
+    def __repr__(self) -> str:
+        return f"<OfflineView {self.element}: {self._summary()}; display in Jupyter or .save(path)>"
+
     def __str__(self) -> str:
-        return self.local_src
+        return repr(self)
+
+    def _summary(self) -> str:
+        """What the view shows, in a few words (for ``repr``)."""
+        toks = self.props.get("tokens")
+        parts = [f"{len(toks)} tokens"] if isinstance(toks, (list, tuple)) else []
+        if self.element == "AttentionHeads" and "attention" in self.props:
+            parts.append(f"{len(self.props['attention'])} heads")
+        if self.props.get("labels") is not None:
+            parts.append(f"{len(self.props['labels'])} value columns")
+        if "maxValue" in self.props or "positiveBounds" in self.props:
+            top = self.props.get("maxValue", (self.props.get("positiveBounds") or [None])[0])
+            parts.append(f"colour scale +-{top:.3g}")
+        return ", ".join(parts) or "no tokens"
 
     def save(self, path: str | Path) -> Path:
         """Write a standalone HTML page."""
@@ -173,30 +192,82 @@ def show_attention(
     return OfflineView("AttentionHeads", {"attention": p.tolist(), "tokens": toks, "attentionHeadNames": names, "maskUpperTri": causal})
 
 
-def show_tokens(str_tokens: Sequence[str], values: Tensor | Sequence[float], *, labels: Sequence[str] | None = None) -> OfflineView:
-    """Tokens coloured by one value each (``[pos]``) or several (``[pos, n]`` with ``labels``)."""
+def symmetric_bound(values: Tensor) -> float:
+    """``max |value|`` over the finite entries, to 6 significant digits (1.0 if there are none or
+    all are 0).
+
+    The colour scale of a token view runs from ``-bound`` (red) through 0 (white) to ``+bound``
+    (blue), one scale for the whole view, so the largest value is the most saturated token and
+    values near 0 are near white whatever neuron or column they belong to.
+    """
+    v = values.detach().float()
+    v = v[torch.isfinite(v)].abs()
+    top = float(f"{float(v.max()):.6g}") if v.numel() else 0.0  # float32 24.2 shows as 24.200001
+    return top if top > 0 else 1.0
+
+
+def _bound(values: Tensor, max_abs: float | None) -> float:
+    if max_abs is None:
+        return symmetric_bound(values)
+    if not (max_abs > 0 and max_abs < float("inf")):
+        raise ValueError(f"max_abs must be a positive finite number, got {max_abs!r}")
+    return float(max_abs)
+
+
+def show_tokens(
+    str_tokens: Sequence[str],
+    values: Tensor | Sequence[float],
+    *,
+    labels: Sequence[str] | None = None,
+    max_abs: float | None = None,
+) -> OfflineView:
+    """Tokens coloured by one value each (``[pos]``) or several (``[pos, n]`` with ``labels``).
+
+    One colour scale for the whole view, centred at zero: ``-max_abs`` is full red, 0 white,
+    ``+max_abs`` full blue (circuitsvis' own default scales each column to its min and max, which
+    paints the smallest value of a column full red even when it is ~0). ``max_abs`` defaults to
+    :func:`symmetric_bound` of all the values; with several columns the same bound is used for
+    each (circuitsvis keeps the first column's bounds when another is selected).
+
+    Returns:
+        :class:`OfflineView` of circuitsvis ``ColoredTokens`` (one value per token: props
+        ``minValue = -max_abs``, ``maxValue = max_abs``) or ``ColoredTokensMulti``
+        (``negativeBounds`` / ``positiveBounds``, one entry per column).
+    """
     v = torch.as_tensor(values).detach().float().cpu()
     toks = [_label(t) for t in str_tokens]
     if v.shape[0] != len(toks):
         raise ValueError(f"{v.shape[0]} values for {len(toks)} tokens")
+    m = _bound(v, max_abs)
     if v.ndim == 1:
-        return OfflineView("ColoredTokens", {"tokens": toks, "values": v.tolist()})
+        return OfflineView("ColoredTokens", {"tokens": toks, "values": v.tolist(), "minValue": -m, "maxValue": m})
     if labels is None or len(labels) != v.shape[1]:
         raise ValueError("pass one label per value column")
-    return OfflineView("ColoredTokensMulti", {"tokens": toks, "values": v.tolist(), "labels": list(labels)})
+    return OfflineView("ColoredTokensMulti", {
+        "tokens": toks, "values": v.tolist(), "labels": list(labels),
+        "negativeBounds": [-m] * v.shape[1], "positiveBounds": [m] * v.shape[1],
+    })
 
 
-def show_neuron_activations(str_tokens: Sequence[str], activations: Tensor, *, neuron_labels: Sequence[str]) -> OfflineView:
-    """Chosen neurons' activations over a text: ``activations`` is ``[pos, n_neurons]``."""
+def show_neuron_activations(
+    str_tokens: Sequence[str],
+    activations: Tensor,
+    *,
+    neuron_labels: Sequence[str],
+    max_abs: float | None = None,
+) -> OfflineView:
+    """Chosen neurons' activations over a text: ``activations`` is ``[pos, n_neurons]``.
+
+    A ``ColoredTokensMulti`` view, one column per neuron (click a label to switch; hover a token
+    for every neuron's value), with one colour scale for all neurons, centred at zero
+    (see :func:`show_tokens`): the neuron and token with the largest ``|activation|`` are the most
+    saturated, near-zero activations near white. (circuitsvis' ``TextNeuronActivations`` scales
+    each neuron to its own min and max for a single text and takes no bounds.)
+    """
     a = activations.detach().float().cpu()
     if a.ndim != 2 or a.shape[0] != len(str_tokens) or a.shape[1] != len(neuron_labels):
         raise ValueError(f"activations must be [pos={len(str_tokens)}, n_neurons={len(neuron_labels)}], got {tuple(a.shape)}")
-    return OfflineView(
-        "TextNeuronActivations",
-        {"tokens": [_label(t) for t in str_tokens], "activations": a[:, None, :].tolist(),
-         "firstDimensionName": "Group", "secondDimensionName": "Neuron",
-         "firstDimensionLabels": ["super neurons"], "secondDimensionLabels": list(neuron_labels)},
-    )
+    return show_tokens(str_tokens, a, labels=list(neuron_labels), max_abs=max_abs)
 
 
 def props_json(view: OfflineView) -> str:
