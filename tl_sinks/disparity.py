@@ -39,6 +39,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_sinks._compat import ModelInfo, require_hooks
+from tl_sinks._driver import run_stages
 from tl_sinks._inputs import TokenBatch
 from tl_sinks._types import HookFn, ModelLike
 from tl_sinks.hooks import FiniteGuard, bind_index, grow
@@ -509,8 +510,6 @@ def compute_dimension_disparity(
     Returns:
         :class:`DimensionDisparity` with ``values`` of shape ``[layer, pos]``.
     """
-    from tl_sinks.scan import run_stages
-
     (res,) = run_stages(
         model,
         prompts,

@@ -24,8 +24,8 @@ from typing import Any
 import pandas as pd
 from torch import Tensor
 
-from tl_sinks._compat import ModelInfo, base_meta, inspect_model
-from tl_sinks._inputs import prepare_prompts
+from tl_sinks._compat import ModelInfo, inspect_model
+from tl_sinks._driver import AccumulatorFactory, build, execute, prepare_corpus
 from tl_sinks._types import HookFn, ModelLike
 from tl_sinks.aggregation import AggregationAccumulator, ValueAggregation
 from tl_sinks.disparity import (
@@ -34,7 +34,8 @@ from tl_sinks.disparity import (
     DimensionDisparity,
     DisparityAccumulator,
 )
-from tl_sinks.hooks import Accumulator, run_accumulators, run_cached
+from tl_sinks.hooks import Accumulator
+from tl_sinks.interventions import Intervention, check_pattern_readers, intervention_hooks
 from tl_sinks.results import SavableResult, _clip, meta_html
 from tl_sinks.sinks import DEFAULT_EPS, SinkAccumulator, SinkScores
 from tl_sinks.super_neurons import (
@@ -56,7 +57,7 @@ def builtin_prompts() -> list[str]:
 def run_stages(
     model: ModelLike,
     prompts: Any,
-    factories: Sequence[Callable[[ModelLike, ModelInfo], Accumulator]],
+    factories: Sequence[AccumulatorFactory],
     *,
     batch_size: int = 8,
     attention_mask: Tensor | None = None,
@@ -68,65 +69,41 @@ def run_stages(
 ) -> list[Any]:
     """Validate prompts, build the accumulators, run the corpus once, return their results.
 
-    ``interventions`` (:mod:`tl_sinks.interventions` specs, or one spec) are applied in every
-    forward pass, before the accumulators read the activations; their hooks get each batch's
-    padding mask. Under a spec that edits the attention pattern, ``meta["pattern_edits"]``
-    records how the pattern stages read saw it, and a model whose readout self-check failed
-    raises instead (see :func:`tl_sinks.interventions.check_pattern_readers`).
+    :func:`tl_sinks._driver.run_stages` with interventions: ``interventions``
+    (:mod:`tl_sinks.interventions` specs, or one spec) are applied in every forward pass, before
+    the accumulators read the activations; their hooks get each batch's padding mask. Under a
+    spec that edits the attention pattern, ``meta["pattern_edits"]`` records how the pattern
+    stages read saw it, and a model whose readout self-check failed raises instead (see
+    :func:`tl_sinks.interventions.check_pattern_readers`).
 
+    ``prompts`` may be prepared already (:func:`prepare_corpus`); they are then used as they are.
     With ``cache`` (an ``ActivationCache`` or a mapping of hook names to tensors) no forward
     pass runs: the accumulators' hooks are fed the cached tensors (:func:`tl_sinks.hooks.run_cached`),
     so the numbers are those of a forward pass on the same batch. ``prompts`` must then be the
     tokens the cache was computed on (they are validated as usual: BOS, padding); a padded
     token tensor must be right-padded.
     """
-    from tl_sinks.interventions import Intervention, check_pattern_readers, intervention_hooks
-
-    if prompts is None:
-        raise ValueError(
-            "no prompts given" + ("; with cache=, pass the tokens the cache was computed on (the BOS "
-                                  "and padding checks read them)" if cache is not None else "")
-        )
     info = inspect_model(model)
-    prepared = prepare_prompts(
-        model, info, prompts, attention_mask=attention_mask, prepend_bos=prepend_bos, require_bos=require_bos
-    )
-    accs = [f(model, info) for f in factories]
+    prepared = prepare_corpus(model, prompts, attention_mask=attention_mask, prepend_bos=prepend_bos,
+                              require_bos=require_bos, info=info, for_cache=cache is not None)
+    accs = build(model, info, factories)
     specs = [interventions] if isinstance(interventions, Intervention) else list(interventions)
-    if cache is not None:
-        if specs:
-            raise ValueError("interventions cannot be applied to a precomputed cache; run the model under "
-                             "intervene(...) when you make the cache, or pass prompts without cache=")
-        _check_right_padded(attention_mask)
-        run_cached(model, info, prepared, accs, cache)
-        meta = {**base_meta(model, info), **prepared.meta(), "batch_size": len(prepared), "source": "cache"}
-        return [a.result(meta) for a in accs]  # type: ignore[attr-defined]
-    intervention_hooks(model, specs, None, info)  # validate specs before the first batch
-    reads_pattern = any(n.endswith("attn.hook_pattern") for a in accs for n in a.hook_names())
-    pattern_edits = check_pattern_readers(model, info, specs, reads_pattern=reads_pattern)
-
-    def extra(batch: Any) -> list[tuple[str, HookFn]]:
-        return intervention_hooks(model, specs, batch.valid, info)
-
-    run_accumulators(model, info, prepared, accs, batch_size=batch_size, progress=progress, extra_hooks=extra)
-    meta = {**base_meta(model, info), **prepared.meta(), "batch_size": batch_size}
+    if cache is not None and specs:
+        raise ValueError("interventions cannot be applied to a precomputed cache; run the model under "
+                         "intervene(...) when you make the cache, or pass prompts without cache=")
+    meta: dict[str, Any] = {}
+    extra: Any = ()
     if specs:
+        intervention_hooks(model, specs, None, info)  # validate specs before the first batch
+        reads_pattern = any(n.endswith("attn.hook_pattern") for a in accs for n in a.hook_names())
+        pattern_edits = check_pattern_readers(model, info, specs, reads_pattern=reads_pattern)
         meta["interventions"] = [s.to_dict() for s in specs]
-    if pattern_edits is not None:
-        meta["pattern_edits"] = pattern_edits  # how hook_pattern readers saw the edit (applied or mirrored)
-    return [a.result(meta) for a in accs]  # type: ignore[attr-defined]
+        if pattern_edits is not None:
+            meta["pattern_edits"] = pattern_edits  # how hook_pattern readers saw the edit (applied or mirrored)
+        extra = lambda batch: intervention_hooks(model, specs, batch.valid, info)  # noqa: E731
 
-
-def _check_right_padded(attention_mask: Tensor | None) -> None:
-    """Cached activations sit where the tokens were: position 0 must be each row's first token."""
-    if attention_mask is None:
-        return
-    am = attention_mask.detach().cpu().long()
-    if am.ndim == 2 and am.shape[1] > 1 and bool((am[:, 1:] > am[:, :-1]).any()):
-        raise ValueError(
-            "with cache=, a padded token tensor must be right-padded (attention_mask 1...1 0...0 in "
-            "every row): the cached positions of a left-padded batch do not start at the first token"
-        )
+    return execute(model, info, prepared, accs, batch_size=batch_size, progress=progress, extra_hooks=extra,
+                   cache=cache, attention_mask=attention_mask, meta=meta)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -362,4 +339,4 @@ def scan(
     return ScanResult(**by_stage, skipped=skipped, meta=meta)
 
 
-__all__: Sequence[str] = ["STAGES", "ScanResult", "builtin_prompts", "run_stages", "scan"]
+__all__: Sequence[str] = ["STAGES", "ScanResult", "builtin_prompts", "prepare_corpus", "run_stages", "scan"]

@@ -41,6 +41,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_sinks._compat import ModelInfo, require_hooks
+from tl_sinks._driver import run_stages
 from tl_sinks._inputs import TokenBatch
 from tl_sinks._types import HookFn, ModelLike
 from tl_sinks.hooks import FiniteGuard, bind_index, grow
@@ -401,8 +402,6 @@ def compute_sink_scores(
         ValueError: Bad prompts (see :func:`tl_sinks._inputs.prepare_prompts`), training mode.
         NonFiniteActivationError: NaN/inf attention patterns.
     """
-    from tl_sinks.scan import run_stages
-
     (res,) = run_stages(
         model,
         prompts,

@@ -74,6 +74,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_sinks._compat import ModelInfo, base_meta, inspect_model, require_hooks
+from tl_sinks._driver import run_stages
 from tl_sinks._inputs import TokenBatch
 from tl_sinks._types import HookFn, ModelLike
 from tl_sinks.errors import UnsupportedModelError
@@ -544,8 +545,6 @@ def find_super_neurons(
     Raises:
         UnsupportedModelError: For an attention-only model.
     """
-    from tl_sinks.scan import run_stages
-
     (res,) = run_stages(
         model,
         prompts,
