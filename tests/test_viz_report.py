@@ -35,7 +35,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 def test_views_never_reference_the_cdn():
     v = show_attention(torch.softmax(torch.randn(2, 4, 4), -1).tril(), ["<s>", "a", "b", "c"], head_names=["L0H0", "L1H3"])
-    for html in (v.local_src, str(v), v._repr_html_()):
+    for html in (v.local_src, v._repr_html_()):
         assert "unpkg.com" not in html and "CircuitsVis.render" in html
     assert v.local_src.startswith("<script>") and circuitsvis_bundle()[:100] in v.local_src
     assert "unpkg" not in v.fragment() and len(v.fragment()) < 5000
@@ -59,7 +59,7 @@ def test_token_and_neuron_views_validate_shapes():
     with pytest.raises(ValueError, match="values for"):
         show_tokens(["a", "b"], [1.0])
     n = show_neuron_activations(["a", "b", "c"], torch.randn(3, 2), neuron_labels=["L0N1", "L1N2"])
-    assert json.loads(props_json(n))["secondDimensionLabels"] == ["L0N1", "L1N2"]
+    assert n.element == "ColoredTokensMulti" and json.loads(props_json(n))["labels"] == ["L0N1", "L1N2"]
     with pytest.raises(ValueError, match="activations must be"):
         show_neuron_activations(["a"], torch.randn(3, 2), neuron_labels=["x", "y"])
 
@@ -84,8 +84,10 @@ def test_report_is_self_contained(report_html):
     assert "unpkg.com" not in report_html
     assert report_html.count("CircuitsVis.render(") == 3
     assert report_html.count("data:image/png;base64,") == 4
-    for section in ("1. Sinks", "2. Value aggregation", "3. Super neurons", "4. Dimension disparity", "5. The causal chain, traced"):
-        assert section in report_html
+    sections = ("The chain in numbers", "1. Value aggregation", "2. Super neurons", "3. Dimension disparity", "4. Sinks",
+                "5. The causal chain, traced", "6. One prompt, interactively", "Provenance")
+    at = [report_html.index(f">{s}</h2>") for s in sections]
+    assert at == sorted(at)  # in the order of the chain
 
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("TL_SINKS_REQUIRE_BROWSER"),
@@ -118,4 +120,5 @@ def test_cli_report_writes_the_page(tiny_llama_dir, tmp_path, capsys):
     assert rc == 0 and out.is_file()
     assert "no network needed" in capsys.readouterr().out
     html = out.read_text()
-    assert "Skipped" not in html and "5. The causal chain" not in html
+    assert "Skipped" not in html and "The causal chain, traced" not in html
+    assert ">5. One prompt, interactively</h2>" in html  # numbered without a gap

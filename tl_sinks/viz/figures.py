@@ -98,7 +98,8 @@ def plot_value_aggregation(agg: Any, max_pos: int = 64) -> Figure:
     ax.set_yscale("log")
     ax.set_xlabel("position")
     ax.set_ylabel("variance of hook_z over heads x d_head")
-    ax.set_title(f"value aggregation ({agg.meta.get('attention', '?')}); dashed: var(first)/(t+1)")
+    ax.set_title(f"value aggregation ({agg.meta.get('attention', '?')}): variance of the attention output by position\n"
+                 "dashed: var(first) / (t+1), what averaging t+1 independent values like the first would give", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
@@ -123,6 +124,7 @@ def plot_massive_activations(disp: Any, layer: int | None = None, top: int = 16)
                label=f"Sun et al. threshold at position 0: |x| > {thr:.3g}")
     ax.set_xticks(x, [str(d) for d in order], rotation=60, fontsize=7)
     ax.set_yscale("log")
+    ax.set_ylim(top=max(ax.get_ylim()[1], thr * 2))  # the threshold inside the frame, not on its edge
     ax.set_xlabel("residual dim")
     ax.set_ylabel("|x| after the block")
     md = disp.massive_dims()
