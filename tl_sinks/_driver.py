@@ -86,6 +86,7 @@ def execute(
     cache: Any = None,
     attention_mask: Tensor | None = None,
     meta: dict[str, Any] | None = None,
+    label: str | None = None,
 ) -> list[Any]:
     """Run the accumulators over ``prepared`` and return their results, in order.
 
@@ -103,6 +104,7 @@ def execute(
             are fed the cached tensors (:func:`tl_sinks.hooks.run_cached`).
         attention_mask: The mask the cached tokens came with (checked to be right-padded).
         meta: Extra provenance added to every result's ``meta``.
+        label: What this run is, for the progress bar (next to the stages' names).
     """
     if cache is not None:
         _check_right_padded(attention_mask)
@@ -110,7 +112,7 @@ def execute(
         run_meta = {**base_meta(model, info), **prepared.meta(), "batch_size": len(prepared), "source": "cache"}
     else:
         run_accumulators(model, info, prepared, accumulators, batch_size=batch_size, progress=progress,
-                         extra_hooks=extra_hooks)
+                         extra_hooks=extra_hooks, label=label)
         run_meta = {**base_meta(model, info), **prepared.meta(), "batch_size": batch_size}
     run_meta.update(meta or {})
     return [a.result(run_meta) for a in accumulators]  # type: ignore[attr-defined]

@@ -25,6 +25,7 @@ re-read by :func:`tl_sinks._compat.inspect_model`.
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,11 +68,22 @@ class PreparedPrompts:
     def n_tokens(self) -> int:
         return sum(len(s) for s in self.sequences)
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 of the prepared token ids, prompt by prompt (``meta["corpus_sha256"]``): two
+        results with the same fingerprint were computed on the same tokens, in the same order."""
+        h = hashlib.sha256()
+        for s in self.sequences:
+            h.update(len(s).to_bytes(8, "little"))
+            h.update(s.to(torch.int64).numpy().astype("<i8").tobytes())
+        return h.hexdigest()
+
     def meta(self) -> dict[str, Any]:
         n_bos = sum(self.pos0_is_bos)
         return {
             "n_prompts": len(self),
             "n_tokens": self.n_tokens,
+            "corpus_sha256": self.fingerprint,
             "max_len": self.max_len,
             "prepend_bos": self.prepend_bos,
             "first_token_id": self.first_token_id,

@@ -147,6 +147,7 @@ def run_accumulators(
     batch_size: int = 8,
     progress: bool = True,
     extra_hooks: Sequence[tuple[str, HookFn]] | Callable[[TokenBatch], Sequence[tuple[str, HookFn]]] = (),
+    label: str | None = None,
 ) -> None:
     """Feed every batch of ``prepared`` through ``model`` with all accumulators' hooks.
 
@@ -159,6 +160,7 @@ def run_accumulators(
         progress: Show a tqdm progress bar.
         extra_hooks: Hooks to add as well (e.g. an intervention), run before the accumulators';
             or a function of the batch returning them (for hooks that need the batch's mask).
+        label: What the run is, shown in the progress bar after the stages' names.
 
     Raises:
         NonFiniteActivationError: If an activation read by a stage is NaN or inf.
@@ -169,7 +171,7 @@ def run_accumulators(
     bar = tqdm(
         total=len(prepared),
         disable=not progress,
-        desc=f"tl_sinks: {', '.join(a.stage for a in accumulators)}",
+        desc=f"tl_sinks: {', '.join(a.stage for a in accumulators)}" + (f" ({label})" if label else ""),
         unit="prompt",
         leave=False,
     )

@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -24,9 +24,9 @@ from typing import Any
 import pandas as pd
 from torch import Tensor
 
-from tl_sinks._compat import ModelInfo, inspect_model
+from tl_sinks._compat import inspect_model
 from tl_sinks._driver import AccumulatorFactory, build, execute, prepare_corpus
-from tl_sinks._types import HookFn, ModelLike
+from tl_sinks._types import ModelLike
 from tl_sinks.aggregation import AggregationAccumulator, ValueAggregation
 from tl_sinks.disparity import (
     DEFAULT_ABS_THRESHOLD,
@@ -34,7 +34,6 @@ from tl_sinks.disparity import (
     DimensionDisparity,
     DisparityAccumulator,
 )
-from tl_sinks.hooks import Accumulator
 from tl_sinks.interventions import Intervention, check_pattern_readers, intervention_hooks
 from tl_sinks.results import SavableResult, _clip, meta_html
 from tl_sinks.sinks import DEFAULT_EPS, SinkAccumulator, SinkScores
@@ -66,6 +65,7 @@ def run_stages(
     progress: bool = False,
     interventions: Any = (),
     cache: Any = None,
+    label: str | None = None,
 ) -> list[Any]:
     """Validate prompts, build the accumulators, run the corpus once, return their results.
 
@@ -81,7 +81,7 @@ def run_stages(
     pass runs: the accumulators' hooks are fed the cached tensors (:func:`tl_sinks.hooks.run_cached`),
     so the numbers are those of a forward pass on the same batch. ``prompts`` must then be the
     tokens the cache was computed on (they are validated as usual: BOS, padding); a padded
-    token tensor must be right-padded.
+    token tensor must be right-padded. ``label`` names the run in the progress bar.
     """
     info = inspect_model(model)
     prepared = prepare_corpus(model, prompts, attention_mask=attention_mask, prepend_bos=prepend_bos,
@@ -103,7 +103,7 @@ def run_stages(
         extra = lambda batch: intervention_hooks(model, specs, batch.valid, info)  # noqa: E731
 
     return execute(model, info, prepared, accs, batch_size=batch_size, progress=progress, extra_hooks=extra,
-                   cache=cache, attention_mask=attention_mask, meta=meta)
+                   cache=cache, attention_mask=attention_mask, meta=meta, label=label)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -302,6 +302,62 @@ def scan(
         UnsupportedModelError: A requested stage the model cannot support.
         NonFiniteActivationError: NaN/inf activations.
     """
+    plan = plan_scan(model, stages=stages, eps=eps, exclude_self=exclude_self, min_ratio=min_ratio,
+                     min_layer_ratio=min_layer_ratio, abs_threshold=abs_threshold, rel_threshold=rel_threshold)
+    results = run_stages(
+        model,
+        builtin_prompts() if prompts is None else prompts,
+        plan.factories,
+        batch_size=batch_size,
+        attention_mask=attention_mask,
+        prepend_bos=prepend_bos,
+        require_bos=require_bos,
+        progress=progress,
+        interventions=interventions,
+        cache=cache,
+    )
+    return plan.result(results)
+
+
+@dataclass(frozen=True)
+class ScanPlan:
+    """What one :func:`scan` runs: the stages, an accumulator factory per stage, and what was skipped.
+
+    A caller that needs more from the same forward passes (``trace_chain``: the loss and the
+    attention sweep's baseline) appends its own factories to :attr:`factories` and hands the
+    first ``len(stages)`` results to :meth:`result`.
+    """
+
+    stages: tuple[str, ...]
+    factories: tuple[AccumulatorFactory, ...]
+    skipped: dict[str, str]
+    post_ln: bool
+
+    def result(self, results: Sequence[Any]) -> ScanResult:
+        """The :class:`ScanResult` of the stages' results (in :attr:`stages` order)."""
+        by_stage = dict(zip(self.stages, results[: len(self.stages)]))
+        meta = dict(results[0].meta)
+        meta.pop("stage", None)
+        meta["norm_placement"] = "post-LN" if self.post_ln else "pre-LN"
+        return ScanResult(**by_stage, skipped=dict(self.skipped), meta=meta)
+
+
+def plan_scan(
+    model: ModelLike,
+    *,
+    stages: Sequence[str] | None = None,
+    eps: float = DEFAULT_EPS,
+    exclude_self: bool = False,
+    min_ratio: float = DEFAULT_MIN_RATIO,
+    min_layer_ratio: float = DEFAULT_MIN_LAYER_RATIO,
+    abs_threshold: float = DEFAULT_ABS_THRESHOLD,
+    rel_threshold: float = DEFAULT_REL_THRESHOLD,
+) -> ScanPlan:
+    """The :class:`ScanPlan` of :func:`scan` with these settings (arguments as for :func:`scan`).
+
+    Raises:
+        ValueError: Unknown or no stage names.
+    """
     explicit = stages is not None
     chosen = list(STAGES if stages is None else stages)
     unknown = [s for s in chosen if s not in STAGES]
@@ -312,31 +368,14 @@ def scan(
     if "super_neurons" in chosen and not info.has_mlp and not explicit:
         chosen.remove("super_neurons")
         skipped["super_neurons"] = f"{info.architecture} has no MLP layers"
-    factories: dict[str, Callable[[ModelLike, ModelInfo], Accumulator]] = {
+    factories: dict[str, AccumulatorFactory] = {
         "sinks": lambda m, i: SinkAccumulator(m, i, eps=eps, exclude_self=exclude_self),
         "aggregation": AggregationAccumulator,
         "super_neurons": lambda m, i: SuperNeuronAccumulator(m, i, min_ratio=min_ratio, min_layer_ratio=min_layer_ratio),
         "disparity": lambda m, i: DisparityAccumulator(m, i, abs_threshold=abs_threshold, rel_threshold=rel_threshold),
     }
-    if prompts is None:
-        prompts = builtin_prompts()
-    results = run_stages(
-        model,
-        prompts,
-        [factories[s] for s in chosen],
-        batch_size=batch_size,
-        attention_mask=attention_mask,
-        prepend_bos=prepend_bos,
-        require_bos=require_bos,
-        progress=progress,
-        interventions=interventions,
-        cache=cache,
-    )
-    by_stage = dict(zip(chosen, results))
-    meta = dict(results[0].meta)
-    meta.pop("stage", None)
-    meta["norm_placement"] = "post-LN" if info.post_ln else "pre-LN"
-    return ScanResult(**by_stage, skipped=skipped, meta=meta)
+    return ScanPlan(stages=tuple(chosen), factories=tuple(factories[s] for s in chosen), skipped=skipped,
+                    post_ln=info.post_ln)
 
 
-__all__: Sequence[str] = ["STAGES", "ScanResult", "builtin_prompts", "prepare_corpus", "run_stages", "scan"]
+__all__: Sequence[str] = ["STAGES", "ScanPlan", "ScanResult", "builtin_prompts", "plan_scan", "prepare_corpus", "run_stages", "scan"]
