@@ -537,7 +537,7 @@ def build_report(
         model: A TransformerBridge in eval mode.
         prompts: Strings or token ids.
         trace: Also run :func:`tl_sinks.trace.trace_chain` (causal models only; it runs the corpus
-            about 15 more times).
+            about 15 more times), with the report's scan as its baseline (``base=``), not a second scan.
         batch_size: Prompts per forward pass.
         progress: Show progress bars: one for the report's steps, and the bars of the stages
             each step runs.
@@ -567,7 +567,7 @@ def build_report(
         t, trace_note, uniform = None, None, None
         if run_trace:
             step(_REPORT_STEPS[1])
-            t = trace_chain(model, prompts, batch_size=batch_size, progress=progress)
+            t = trace_chain(model, prompts, batch_size=batch_size, progress=progress, base=result)
             uniform = _uniform_at(model, info, prompts, t.pos)
         elif trace:
             trace_note = ("not traced: the position interventions and the loss link are defined for causal "
