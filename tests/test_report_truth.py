@@ -339,8 +339,9 @@ def test_provenance_is_a_readable_table(traced_dom, planted_llama_dir):
 
 
 def test_provenance_shows_hub_names_as_they_are():
-    page = provenance_html({"model_name": "gpt2", "processing": {"fold_ln": True, "random_head": []}})
+    page = provenance_html({"model_name": "gpt2", "processing": {"fold_ln": True, "random_head": []}, "torch_version": "x"})
     assert "<td>gpt2</td>" in page and "processing.fold_ln</td><td>True" in page and "processing.random_head</td><td>none" in page
+    assert page.count("torch") == 1  # a version in meta is not shown twice
 
 
 @needs_browser

@@ -365,7 +365,8 @@ def provenance_html(meta: Mapping[str, Any], trace_meta: Mapping[str, Any] | Non
     short, full = model_label(str(meta.get("model_name", "")))
     model = f"{e(short)}" + (f"<br><span class='small'>{e(full)}</span>" if full else "")
     rows = [("model", model)] + [(f"{k} version", e(v)) for k, v in _versions().items()]
-    rows += [(k, e(_fmt_meta(v))) for k, v in _flatten(meta) if k not in ("model_name", "transformer_lens_version")]
+    shown = {"model_name"} | {f"{d}_version" for d in _versions()}  # already in the rows above
+    rows += [(k, e(_fmt_meta(v))) for k, v in _flatten(meta) if k not in shown]
     if trace_meta:
         rows += [(f"trace.{k}", e(_fmt_meta(v))) for k, v in _flatten(trace_meta)
                  if k.split(".")[0] not in meta and v is not None]
