@@ -145,6 +145,8 @@ def test_meta_records_the_installed_transformer_lens_version(tiny_llama):
 
     res = tl_sinks.find_super_neurons_by_weights(tiny_llama)
     assert res.meta["transformer_lens_version"] == version("transformer-lens") != "unknown"
+    assert res.meta["transformers_version"] == version("transformers")
+    assert res.meta["torch_version"] == torch.__version__
 
 
 def test_processing_dtype_follows_the_model_after_loading(tiny_llama_dir):

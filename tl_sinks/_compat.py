@@ -455,6 +455,15 @@ def _transformer_lens_version() -> str:
         return str(getattr(transformer_lens, "__version__", "unknown"))
 
 
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def base_meta(model: ModelLike, info: ModelInfo) -> dict[str, Any]:
     """Provenance shared by every result's ``meta``."""
     return {
@@ -463,6 +472,9 @@ def base_meta(model: ModelLike, info: ModelInfo) -> dict[str, Any]:
         "attention": "causal" if info.causal else "bidirectional",
         "norm_placement": "post-LN" if info.post_ln else "pre-LN",
         "transformer_lens_version": _transformer_lens_version(),
+        # The numbers depend on these too (transformers 5.24 changed patching's KV cache).
+        "transformers_version": _dist_version("transformers"),
+        "torch_version": str(torch.__version__),
         "processing": info.processing,
         "dtype": _param_dtype(model),
     }
