@@ -14,7 +14,7 @@ modules of one layer may import each other only where the layer says so (and nev
     driver         _driver                                        (prepare, build, execute)
     hooks          hooks                                          (hook plumbing, accumulator protocol)
     support        _compat, _inputs, results
-    base           _types, errors, _io
+    base           _types, errors, _io, _progress
 
 Beside the stack: models and tools (loading, models, gguf_export, train.*, viz.*). They may use
 base and support; only composition and entry points may import them.
@@ -36,7 +36,7 @@ MAX_FUNCTION_LINES = 100
 
 # (layer, modules (relative to tl_sinks; "" is the package itself), modules may import each other)
 LAYERS: list[tuple[str, set[str], bool]] = [
-    ("base", {"_types", "errors", "_io"}, False),
+    ("base", {"_types", "errors", "_io", "_progress"}, False),
     ("support", {"_compat", "_inputs", "results"}, True),
     ("hooks", {"hooks"}, False),
     ("driver", {"_driver"}, False),

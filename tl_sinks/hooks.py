@@ -20,10 +20,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tl_sinks._compat import ModelInfo, model_device
 from tl_sinks._inputs import PreparedPrompts, TokenBatch, iter_batches
+from tl_sinks._progress import tqdm
 from tl_sinks._types import HookFn, ModelLike
 from tl_sinks.errors import NonFiniteActivationError
 

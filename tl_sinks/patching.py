@@ -51,9 +51,9 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tl_sinks._compat import inspect_model, model_device, require_hooks
+from tl_sinks._progress import tqdm
 from tl_sinks._types import ModelLike
 from tl_sinks.hooks import hooked
 from tl_sinks.results import SinkResult

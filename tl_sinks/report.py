@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from tl_sinks._compat import ModelInfo, inspect_model, model_device
 from tl_sinks._inputs import prepare_prompts
 from tl_sinks._io import atomic_write_text
+from tl_sinks._progress import tqdm
 from tl_sinks._types import ModelLike
 from tl_sinks.scan import ScanResult, builtin_prompts, scan
 from tl_sinks.sinks import uniform_received

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from tl_sinks._io import atomic_write, atomic_write_text
+from tl_sinks._progress import tqdm
 from tl_sinks.train.corpus import DEFAULT_PACKAGES, build_corpus
 
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<s>", "</s>", "<pad>"
