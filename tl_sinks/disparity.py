@@ -43,7 +43,7 @@ from tl_sinks._driver import run_stages
 from tl_sinks._inputs import TokenBatch
 from tl_sinks._types import HookFn, ModelLike
 from tl_sinks.hooks import FiniteGuard, bind_index, grow
-from tl_sinks.results import SinkResult
+from tl_sinks.results import SinkResult, fmt_ratio
 
 DEFAULT_ABS_THRESHOLD = 100.0
 DEFAULT_REL_THRESHOLD = 1000.0
@@ -290,7 +290,7 @@ class DimensionDisparity(SinkResult):
         best = td.loc[td["first_mean_abs"].idxmax()]
         return [
             f"largest first-token dim: {int(best['dim'])} at layer {int(best['layer'])} "
-            f"(mean |x| {best['first_mean_abs']:.1f}, {best['ratio_to_median']:.0f}x the median)",
+            f"(mean |x| {best['first_mean_abs']:.1f}, {fmt_ratio(best['ratio_to_median'])} the median)",
             f"dimension disparity (paper ratio, max over layers) at position 0: "
             f"{self.disparity(0):.1f} {self.meta.get('attn_in_label', 'after the attention norm')}, {self.disparity(0, site='resid'):.1f} on the residual; "
             f"rest {self.disparity('rest'):.1f}",

@@ -28,6 +28,7 @@ from tl_sinks._inputs import prepare_prompts
 from tl_sinks._io import atomic_write_text
 from tl_sinks._progress import tqdm
 from tl_sinks._types import ModelLike
+from tl_sinks.results import fmt_number, fmt_ratio
 from tl_sinks.scan import ScanResult, builtin_prompts, scan
 from tl_sinks.sinks import uniform_received
 
@@ -55,31 +56,6 @@ _REPORT_STEPS = ("scan: every stage in one pass", "trace the chain: ablation, lo
 
 
 # --------------------------------------------------------------------------- numbers in words
-def fmt_number(x: Any, digits: int = 3) -> str:
-    """A number for a reader: 3 significant digits; below 1e-3 or from 1e4 on as ``1.0e7``.
-
-    Example:
-        >>> [fmt_number(v) for v in (10075946.0, 196.2, 13.957, 0.6638, 0.00012, 0, float("nan"))]
-        ['1.0e7', '196', '14', '0.664', '1.2e-4', '0', 'n/a']
-    """
-    if x is None or isinstance(x, bool):
-        return "n/a" if x is None else str(x)
-    x = float(x)
-    if not math.isfinite(x):
-        return "n/a" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    if x == 0:
-        return "0"
-    if abs(x) >= 1e4 or abs(x) < 1e-3:
-        mantissa, exp = f"{x:.1e}".split("e")
-        return f"{mantissa}e{int(exp)}"
-    return f"{x:.{digits}g}"
-
-
-def fmt_ratio(x: Any) -> str:
-    """``fmt_number(x) + "x"``: ``10075946`` -> ``"1.0e7x"``, ``2.888`` -> ``"2.89x"``."""
-    return f"{fmt_number(x)}x"
-
-
 def fmt_change(baseline: float, intervened: float) -> str:
     """``"14 → 0.163 (-99%)"`` (plain text); a change of 10x or more as a factor (``"0.01 -> 1 (100x)"``)."""
     text = f"{fmt_number(baseline)} \u2192 {fmt_number(intervened)}"

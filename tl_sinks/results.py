@@ -646,3 +646,28 @@ __all__: Sequence[str] = [
     "meta_html",
     "save_result",
 ]
+
+
+def fmt_number(x: Any, digits: int = 3) -> str:
+    """A number for a reader: 3 significant digits; below 1e-3 or from 1e4 on as ``1.0e7``.
+
+    Example:
+        >>> [fmt_number(v) for v in (10075946.0, 196.2, 13.957, 0.6638, 0.00012, 0, float("nan"))]
+        ['1.0e7', '196', '14', '0.664', '1.2e-4', '0', 'n/a']
+    """
+    if x is None or isinstance(x, bool):
+        return "n/a" if x is None else str(x)
+    x = float(x)
+    if not math.isfinite(x):
+        return "n/a" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if x == 0:
+        return "0"
+    if abs(x) >= 1e4 or abs(x) < 1e-3:
+        mantissa, exp = f"{x:.1e}".split("e")
+        return f"{mantissa}e{int(exp)}"
+    return f"{x:.{digits}g}"
+
+
+def fmt_ratio(x: Any) -> str:
+    """``fmt_number(x) + "x"``: ``10075946`` -> ``"1.0e7x"``, ``2.888`` -> ``"2.89x"``."""
+    return f"{fmt_number(x)}x"

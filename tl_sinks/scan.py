@@ -194,7 +194,8 @@ class ScanResult(SavableResult):
             res = getattr(self, name)
             if res is not None:
                 lines.append(f"[{name}]")
-                lines += [f"  {s}" for s in res._summary_lines()]
+                # The header already names the attention type; the stages' own summaries repeat it.
+                lines += [f"  {s}" for s in res._summary_lines() if not s.startswith("attention: ")]
             elif name in self.skipped:
                 lines.append(f"[{name}] skipped: {self.skipped[name]}")
         if self.sinks is not None:

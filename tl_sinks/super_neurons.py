@@ -79,7 +79,7 @@ from tl_sinks._inputs import TokenBatch
 from tl_sinks._types import HookFn, ModelLike
 from tl_sinks.errors import UnsupportedModelError
 from tl_sinks.hooks import FiniteGuard, bind_index
-from tl_sinks.results import SinkResult
+from tl_sinks.results import SinkResult, fmt_ratio
 
 DEFAULT_MIN_RATIO = 50.0
 DEFAULT_MIN_LAYER_RATIO = 5.0
@@ -306,7 +306,7 @@ class SuperNeurons(SinkResult):
         return [
             "; ".join(parts),
             f"top {r['label']} ({r['role']}): peak {r['max_value']:.1f} at pos "
-            f"{r['max_pos']} ({r['str_token']!r}), {r['position_ratio']:.0f}x its mean at positions >= 1; "
+            f"{r['max_pos']} ({r['str_token']!r}), {fmt_ratio(r['position_ratio'])} its mean at positions >= 1; "
             f"down row kurtosis {r['down_kurtosis']:.0f}, top-3 share {r['top3_share']:.2f}, top dims {r['top_dims']}",
         ]
 
