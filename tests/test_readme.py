@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tl_sinks.results import fmt_ratio
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 FULL = os.environ.get("TL_SINKS_README_FULL") == "1"
@@ -117,7 +119,7 @@ def test_readme_quick_start_quotes_the_scan(readme):
     top = chain.iloc[0]
     assert_quoted(
         text,
-        f"L0N504: {top['max_value']:.1f} at BOS, {top['position_ratio']:.0f}x its mean at positions >= 1",
+        f"L0N504: {top['max_value']:.1f} at BOS, {fmt_ratio(top['position_ratio'])} its mean at positions >= 1",
         f"kurtosis {top['down_kurtosis']:.0f}, top dims {', '.join(map(str, top['top_dims']))}",
     )
     td = d.top_dims()
@@ -125,7 +127,7 @@ def test_readme_quick_start_quotes_the_scan(readme):
     assert_quoted(
         text,
         f"the largest first-token dim is {int(best['dim'])} (mean |x| {best['first_mean_abs']:.1f} after layer {int(best['layer'])}",
-        f"{best['ratio_to_median']:.0f}x the token's median",
+        f"{fmt_ratio(best['ratio_to_median'])} the token's median",  # as tl-sinks scan prints it
         f"the paper's ratio is {d.disparity(0):.1f} at position 0 against {d.disparity('rest'):.1f} elsewhere",
     )
     assert d.massive_dims().empty
