@@ -216,6 +216,23 @@ def minilm(minilm_path: str):
     return tl_sinks.load_model(minilm_path, device="cpu")
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (a real pretrained Llama) from tl_sinks' cache (`tl-sinks fetch smollm2`).
+
+    Not fetched: the test is skipped, unless ``TL_SINKS_REQUIRE_SMOLLM2=1`` (CI fetches it), when
+    it fails.
+    """
+    import tl_sinks
+
+    try:
+        return tl_sinks.load_model("smollm2", device="cpu")
+    except tl_sinks.ModelNotAvailableError as e:
+        if os.environ.get("TL_SINKS_REQUIRE_SMOLLM2") == "1":
+            pytest.fail(f"{e} (TL_SINKS_REQUIRE_SMOLLM2=1: the model must be fetched)", pytrace=False)
+        pytest.skip(str(e))
+
+
 def random_prompts(lengths: list[int], *, seed: int = 0, low: int = 4, high: int = VOCAB) -> list[list[int]]:
     """Token-id prompts starting with BOS, of the given lengths, drawn from ordinary tokens."""
     g = torch.Generator().manual_seed(seed)
