@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,70 @@ def test_value_aggregation_tutorial_says_what_its_numbers_show():
     printed = "".join(_text(o) for o in _outputs(nb))
     assert "28 of 36 heads below 1" in printed and "in 28 of its 36 heads" in md
     assert "35 of 36 heads above 1" in printed and "35 of 36" in md
+
+
+SMOLLM2_SECTION = "## The paper's interventions on a real decoder (SmolLM2-135M-Instruct)"
+
+
+def _smollm2_cells(nb: dict) -> tuple[str, dict, str]:
+    """The section's intro markdown, its code cell and its closing markdown."""
+    cells = nb["cells"]
+    i = next(i for i, c in enumerate(cells) if "".join(c["source"]).startswith(SMOLLM2_SECTION))
+    assert [c["cell_type"] for c in cells[i:]] == ["markdown", "code", "markdown"], "the section ends notebook 04"
+    return "".join(cells[i]["source"]), cells[i + 1], "".join(cells[i + 2]["source"])
+
+
+def test_interventions_tutorial_says_how_to_fetch_smollm2():
+    intro, code, _ = _smollm2_cells(_load("04_interventions_and_patching.ipynb"))
+    assert "tl-sinks fetch smollm2" in intro and "93 MB" in intro and "Apache-2.0" in intro
+    assert "keyed to the BOS *token*" in intro
+    # The reason it gives is the one the earlier cell printed on the default model.
+    printed = "".join(_text(o) for o in _outputs(_load("04_interventions_and_patching.ipynb")))
+    rates = re.search(r"sink rate at position 0 with BOS ([\d.]+), without ([\d.]+)", printed)
+    assert rates and f"drops from {rates[1]} to {rates[2]}" in intro, (rates and rates.groups())
+    src = "".join(code["source"])
+    assert 'cached_path("smollm2")' in src and "ModelNotAvailableError" in src
+
+
+def test_interventions_tutorial_smollm2_cell_without_the_model_prints_the_fetch_hint(tmp_path, monkeypatch, capsys):
+    """Where SmolLM2 is not fetched the cell prints one line saying how to fetch it, and raises nothing
+    (only the check runs: no model is loaded)."""
+    import tl_sinks
+
+    _, code, _ = _smollm2_cells(_load("04_interventions_and_patching.ipynb"))
+    monkeypatch.setenv("TL_SINKS_CACHE", str(tmp_path))
+    exec("".join(code["source"]), {"tl_sinks": tl_sinks, "prompts": tl_sinks.builtin_prompts()})
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "`tl-sinks fetch smollm2`" in out[0], out
+
+
+def test_interventions_tutorial_smollm2_text_matches_its_numbers():
+    """The committed notebook shows the measurement (regenerate 04 with SmolLM2 fetched), and the
+    closing text's claims hold for the numbers it printed, with margin."""
+    import re
+
+    _, code, md = _smollm2_cells(_load("04_interventions_and_patching.ipynb"))
+    printed = "".join(_text(o) for o in code["outputs"])
+    assert "SmolLM2-135M-Instruct, 8 prompts" in printed, (
+        f"saved without SmolLM2: `tl-sinks fetch smollm2`, then regenerate 04. Printed: {printed[:300]!r}")
+    assert any("image/png" in o.get("data", {}) for o in code["outputs"]), "the section's figure"
+    row = re.compile(r"^\s+(\S+)(?: lambda=5)?\s+peak ([\d.]+) \(layer\s+(\d+)\), mean over layers 1-29 ([\d.]+), "
+                     r"above eps=0.3 in\s+(\d+) of 30 layers, sink rate at 10 up to ([\d.]+)$", re.M)
+    got = {m[1]: dict(zip(("peak", "layer", "mean", "above", "rate"), map(float, m.groups()[1:]))) for m in row.finditer(printed)}
+    assert set(got) == {"none", "self_only_mask", "amplify_deviation", "scale_output"}, printed
+    none, mask, amp, scale = (got[k] for k in ("none", "self_only_mask", "amplify_deviation", "scale_output"))
+    uniform = float(re.search(r"uniform attention would give ([\d.]+)", printed)[1])
+    # "Untouched, p receives at most 0.04 ..., below what uniform attention would give it (0.05)."
+    assert none["peak"] < uniform and none["above"] == 0 and f"({uniform:.2f})" in md
+    # "the mean over heads passes eps in 12 of its 30 layers and peaks at 0.44 in layer 24, where 99% of the heads ..."
+    assert mask["above"] >= 5 and mask["peak"] > 0.3 and mask["rate"] > 0.8, mask
+    assert f"in {mask['above']:.0f} of its 30 layers" in md and f"peaks at {mask['peak']:.2f} in layer {mask['layer']:.0f}" in md
+    assert f"where {mask['rate']:.0%} of the heads" in md
+    # "Deviation amplification makes no sink": below eps everywhere, far below the mask's sink rate,
+    # but above the control (its mean over layers 1-29 at least twice scaling's).
+    assert amp["above"] == 0 and amp["peak"] < 0.3 and amp["rate"] < 0.5 * mask["rate"], amp
+    assert amp["mean"] > 2 * scale["mean"] and f"{amp['mean']:.3f}, against {scale['mean']:.3f}" in md
+    assert f"peak {amp['peak']:.2f}, layer {amp['layer']:.0f}" in md and "a quarter" in md and amp["rate"] <= 0.25 + 1e-9
+    # "The control is not inert ... about doubles the attention p receives": at least 1.5x, and no sink.
+    assert 1.5 * none["mean"] < scale["mean"] < 3 * none["mean"] and scale["above"] == 0, (scale, none)
+    assert f"{scale['mean']:.3f}, against {none['mean']:.3f} untouched" in md and f"up to {scale['peak']:.2f}" in md
