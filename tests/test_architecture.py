@@ -343,3 +343,90 @@ def test_prepared_prompts_are_not_prepared_again(planted_llama):
     assert a.meta["corpus_sha256"] == b.meta["corpus_sha256"] == corpus.fingerprint
     with pytest.raises(ValueError, match="already prepared; require_bos"):
         tl_sinks.scan(planted_llama, corpus, require_bos=False, progress=False)
+
+
+# --------------------------------------------------------------------------- fast paths, verified
+# The accumulators skip work that can only add zeros, and avoid a top-k per token; each shortcut
+# is checked here against the plain path it replaces (the general path is also what runs on an
+# accelerator, where asking whether work can be skipped would sync the host).
+def _plain_residual_path(x, valid, k, abs_t, rel_t):
+    """What the disparity hook computed before: token_disparity's top-k, then dense scatter-adds."""
+    from tl_sinks.disparity import is_massive, token_disparity
+
+    B, P, D = x.shape
+    rest = valid.clone()
+    rest[:, 0] = False
+    first = torch.zeros_like(valid)
+    first[:, 0] = True
+    s = token_disparity(x, k, max_over=rest)
+    massive = is_massive(s["top_values"], s["median"][..., None], abs_threshold=abs_t, rel_threshold=rel_t) & valid[..., None]
+    counts = torch.zeros(3, 2, D)
+    for c, cls in enumerate((first, rest)):
+        m = (cls & valid).reshape(-1).float()
+        counts[0, c].scatter_add_(0, s["top_dims"][..., 0].reshape(-1), m)
+        mm = (massive & cls[..., None]).reshape(-1).float()
+        counts[1, c].scatter_add_(0, s["top_dims"].reshape(-1), mm)
+        counts[2, c].scatter_add_(0, s["top_dims"].reshape(-1), mm * s["top_values"].reshape(-1))
+    return s, massive.any(-1), counts
+
+
+def _fast_residual_path(x, valid, k, abs_t, rel_t, padded):
+    from tl_sinks.disparity import residual_statistics
+
+    s = residual_statistics(x, valid, padded=padded, k=k, abs_threshold=abs_t, rel_threshold=rel_t)
+    counts = torch.zeros(3, 2, x.shape[-1])
+    for c in range(2):
+        counts[0, c] += s["top_dim_counts"][c]
+        counts[1, c] += s["massive_counts"][c]
+        if s["massive_events"][c] is not None:
+            counts[2, c].scatter_add_(0, *s["massive_events"][c])
+    return s, counts
+
+
+@pytest.mark.parametrize("general_path", [False, True], ids=["cpu-shortcuts", "general"])
+def test_residual_statistics_equal_the_top_k_path(monkeypatch, general_path):
+    import tl_sinks.disparity as disparity
+
+    if general_path:
+        monkeypatch.setattr(disparity, "maybe_any", lambda t: True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 9, 24, generator=g)
+    x[:, 0, 3] = 900.0  # a massive dim at every first token
+    x[1, 4, [1, 5, 7, 9, 11, 13]] = torch.tensor([8000.0, 7000, 6500, 6000, 5500, 5000])  # 6 > k massive dims
+    x[2, 2, 8] = -5000.0  # a massive dim at a later token
+    x[0, 5, 2] = 150.0  # above 100 but not 1000x its token's median: not massive
+    for padded in (False, True):
+        valid = torch.ones(5, 9, dtype=torch.bool)
+        if padded:
+            valid[3, 6:] = False
+            valid[4, 2:] = False
+        ref, ref_tok, ref_counts = _plain_residual_path(x, valid, 4, 100.0, 1000.0)
+        s, counts = _fast_residual_path(x, valid, 4, 100.0, 1000.0, padded)
+        assert torch.equal(s["top1"], ref["top_values"][..., 0]) and torch.equal(s["median"], ref["median"])
+        assert torch.equal(s["rest_mean"], ref["rest_mean"]) and torch.equal(s["abs_sum"], ref["abs_sum"])
+        assert torch.equal(s["rest_max"], ref["masked_max"]) and torch.equal(s["massive_token"], ref_tok)
+        assert torch.equal(counts, ref_counts)
+        assert counts[1, 1].sum() == 4 + 1  # the 6-dim token counts its top 4, plus the later token
+
+
+def test_cpu_shortcuts_give_the_general_paths_numbers(planted_llama, monkeypatch):
+    import tl_sinks.disparity as disparity
+    import tl_sinks.super_neurons as super_neurons
+    from tests.conftest import random_prompts
+
+    prompts = random_prompts([11, 9, 12, 7, 10], seed=45, low=10)
+    kw = dict(stages=["super_neurons", "disparity"], batch_size=2, progress=False)
+    fast = tl_sinks.scan(planted_llama, prompts, **kw)
+    monkeypatch.setattr(disparity, "maybe_any", lambda t: True)
+    monkeypatch.setattr(super_neurons, "selected", lambda mask: torch.arange(mask.shape[0]))
+    general = tl_sinks.scan(planted_llama, prompts, **kw)
+    for stage in ("super_neurons", "disparity"):
+        a, b = getattr(fast, stage), getattr(general, stage)
+        for name, value in vars(a).items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, getattr(b, name)), f"{stage}.{name}"
+    assert len(fast.super_neurons.found) and int(fast.disparity.massive_counts.sum()) > 0
+
+
+def test_exports_are_listed_once():
+    assert sorted(tl_sinks.__all__) == sorted([*tl_sinks._EXPORTS, "__version__"])

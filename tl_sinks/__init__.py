@@ -52,7 +52,32 @@ _EXPORTS: dict[str, str] = {
     "scan": "tl_sinks.scan",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [
+    "DimensionDisparity",
+    "ModelInfo",
+    "ModelNotAvailableError",
+    "NonFiniteActivationError",
+    "ResultFileError",
+    "ScanResult",
+    "SinkResult",
+    "SinkScores",
+    "SuperNeurons",
+    "UnsupportedModelError",
+    "ValueAggregation",
+    "WeightSuperNeurons",
+    "__version__",
+    "builtin_prompts",
+    "compute_dimension_disparity",
+    "compute_sink_scores",
+    "compute_value_aggregation",
+    "describe_processing",
+    "find_super_neurons",
+    "find_super_neurons_by_weights",
+    "inspect_model",
+    "load_model",
+    "load_result",
+    "scan",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,6 +128,36 @@ class TokenBatch:
             lengths=self.lengths.to(device),
             prompt_index=self.prompt_index.to(device),
         )
+
+
+_DECODED: "weakref.WeakKeyDictionary[Any, tuple[int, dict[int, str]]]" = weakref.WeakKeyDictionary()
+
+
+def token_strings(model: ModelLike, ids: Sequence[int]) -> list[str]:
+    """``tokenizer.decode([id])`` of each id (``str(id)`` without a tokenizer).
+
+    Remembered per tokenizer (and forgotten when its vocabulary grows): the stages name every
+    token they saw, which for a few thousand distinct ids costs as much as a small forward pass.
+    """
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        return [str(int(i)) for i in ids]
+    size = len(tok)
+    try:
+        cached = _DECODED.get(tok)
+        if cached is None or cached[0] != size:
+            cached = _DECODED[tok] = (size, {})
+        memo = cached[1]
+    except TypeError:  # not weak-referenceable
+        memo = {}
+    out = []
+    for i in ids:
+        i = int(i)
+        s = memo.get(i)
+        if s is None:
+            s = memo[i] = tok.decode([i])
+        out.append(s)
+    return out
 
 
 def _check_id_dtype(t: Tensor, what: str) -> None:

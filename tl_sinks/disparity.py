@@ -28,7 +28,7 @@ per block and not additive; ``meta["attribution_exact"]`` says so.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,9 +40,9 @@ from torch import Tensor
 
 from tl_sinks._compat import ModelInfo, require_hooks
 from tl_sinks._driver import run_stages
-from tl_sinks._inputs import TokenBatch
+from tl_sinks._inputs import TokenBatch, token_strings
 from tl_sinks._types import HookFn, ModelLike
-from tl_sinks.hooks import FiniteGuard, bind_index, grow
+from tl_sinks.hooks import FiniteGuard, bind_index, grow, maybe_any
 from tl_sinks.results import SinkResult, fmt_ratio
 
 DEFAULT_ABS_THRESHOLD = 100.0
@@ -113,6 +113,104 @@ def is_massive(
 ) -> Tensor:
     """Sun et al.: ``value > abs_threshold`` and ``value > rel_threshold * median``."""
     return (value > abs_threshold) & (value > rel_threshold * median)
+
+
+def topk_mask(a: Float[Tensor, "... d"], k: int) -> Tensor:
+    """Bool mask of the ``k`` largest entries of each row of ``a`` (``torch.topk``'s choice on ties)."""
+    idx = a.topk(min(k, a.shape[-1]), dim=-1).indices
+    return torch.zeros(a.shape, dtype=torch.bool, device=a.device).scatter_(-1, idx, True)
+
+
+def massive_in_top_k(a: Float[Tensor, "... d"], threshold: Float[Tensor, "..."], k: int) -> Tensor:
+    """Entries of ``a`` above their row's ``threshold`` that are among the row's ``k`` largest.
+
+    Entries above a per-row threshold are the row's largest, so when a row has at most ``k`` of
+    them they all are in its top ``k`` and no top-k is needed. Only a row with more than ``k``
+    (rare: Sun-massive dims come one to three per token) takes ``torch.topk``; on an accelerator,
+    where asking would sync the host, every call does (see :func:`tl_sinks.hooks.maybe_any`).
+
+    Example:
+        >>> massive_in_top_k(torch.tensor([[5.0, 1.0, 7.0, 6.0]]), torch.tensor([4.0]), 2).tolist()
+        [[False, False, True, True]]
+    """
+    above = a > threshold[..., None]
+    if maybe_any(above.sum(-1) > k):
+        above &= topk_mask(a, k)
+    return above
+
+
+def residual_statistics(
+    x: Float[Tensor, "batch pos d_model"],
+    valid: Tensor,
+    *,
+    padded: bool,
+    k: int = 4,
+    abs_threshold: float = DEFAULT_ABS_THRESHOLD,
+    rel_threshold: float = DEFAULT_REL_THRESHOLD,
+) -> dict[str, Any]:
+    """Everything the disparity stage reduces from one residual-stream activation (pure kernel).
+
+    The same numbers as :func:`token_disparity` plus the Sun et al. test, at the cost of one
+    ``|x|`` copy, one max, one median selection and a few passes, instead of a top-k per token
+    (which cost as much as the small default model's matmuls). The top dim of each token is the
+    one equal to its max (``torch.topk`` picks an arbitrary one among exact ties; this counts
+    each tied dim, and none in an all-zero row).
+
+    Args:
+        x: The residual stream, right-padded.
+        valid: ``[batch, pos]`` real tokens.
+        padded: Whether any row is padded (the batch's cached flag).
+        k: Per token, Sun-massive dims are counted among its ``k`` largest (as the top-k did).
+
+    Returns:
+        ``top1``, ``median``, ``rest_mean``, ``abs_sum`` (``[batch, pos]``); ``massive_token``
+        (``[batch, pos]`` real tokens whose largest dim is Sun-massive); per position class
+        (0: position 0, 1: positions >= 1, real tokens only) ``top_dim_counts`` and
+        ``massive_counts`` (``[d_model]``) and ``massive_events`` (``(dims, |x|)`` to
+        scatter-add in token order, or ``None`` when there are none); ``rest_max``
+        (``[d_model]`` largest ``|x|`` over positions >= 1, ``None`` for one position).
+    """
+    a = x.float().abs()  # a copy: the model's activation is never modified
+    B, P, D = a.shape
+    top1 = a.amax(-1)
+    med = lower_median(a)
+    # 1.0 at each token's largest dim, else 0.0: a / max is 1 there and below 1 elsewhere (a float
+    # quotient of a < t never rounds up to 1). Float arithmetic, as a bool compare costs 4x here.
+    # An all-zero row has no top dim (torch.topk named an arbitrary one).
+    is_top = (a / top1.clamp_min(torch.finfo(a.dtype).tiny)[..., None]).floor_()
+    restf = valid[:, 1:, None].to(a.dtype)
+    if P == 1:
+        rest_max = None
+    elif padded:
+        rest_max = (a[:, 1:] * restf).amax(1).amax(0)
+    else:
+        rest_max = a[:, 1:].amax(1).amax(0)
+    rest_top = is_top[:, 1:] * restf if padded else is_top[:, 1:]
+    top_dim_counts = (is_top[:, 0].sum(0), rest_top.sum(1).sum(0))
+    # Any dim of a token is massive iff its largest is: the test is a per-token threshold.
+    massive_token = is_massive(top1, med, abs_threshold=abs_threshold, rel_threshold=rel_threshold) & valid
+    threshold = torch.where(massive_token, (rel_threshold * med).clamp_min(abs_threshold), torch.inf)
+    massive_counts, massive_events = [], []
+    for cls in (slice(0, 1), slice(1, None)):
+        part, thr = a[:, cls], threshold[:, cls]
+        if not maybe_any(massive_token[:, cls]):  # no massive token in the class: nothing to add
+            massive_counts.append(torch.zeros(D, device=a.device))
+            massive_events.append(None)
+            continue
+        m = massive_in_top_k(part, thr, k)
+        massive_counts.append(m.sum((0, 1)).to(a.dtype))
+        dims = torch.arange(D, device=a.device).expand(part.shape).reshape(-1)
+        massive_events.append((dims, (part * m).reshape(-1)))
+    # The sum of every dim but the largest: zero it (a - 1 * max is exactly 0 there, a - 0 * max
+    # is a elsewhere) and sum, rather than subtract it from the total: with a 1000x outlier the
+    # subtraction would cancel most of the other dims' fp32 precision. The same sum, in the same
+    # order, as token_disparity's.
+    rest_sum = a.addcmul_(is_top, top1[..., None], value=-1.0).sum(-1)
+    return {
+        "top1": top1, "median": med, "rest_mean": rest_sum / max(D - 1, 1), "abs_sum": rest_sum + top1,
+        "massive_token": massive_token, "top_dim_counts": top_dim_counts, "massive_counts": massive_counts,
+        "massive_events": massive_events, "rest_max": rest_max,
+    }
 
 
 # --------------------------------------------------------------------------- results
@@ -358,39 +456,38 @@ class DisparityAccumulator:
         self.n = grow(self.n, P, 0)
         valid = batch.valid
         validf = valid.float()
+        padded = batch.is_padded
         rest = valid.clone()
         rest[:, 0] = False
-        is_first = torch.zeros_like(valid)
-        is_first[:, 0] = True
 
         def resid_hook(x: Tensor, hook: Any, layer: int) -> None:
-            s = token_disparity(x, self.k, max_over=rest)
+            # One copy of |x| and one selection (the median); the top dim comes from a max,
+            # and only the rare Sun-massive dims need a top-k (see residual_statistics).
+            s = residual_statistics(x, valid, padded=padded, k=self.k, abs_threshold=self.abs_threshold,
+                                    rel_threshold=self.rel_threshold)
             guard.watch(hook.name, s["abs_sum"] * validf)
-            top1, med = s["top_values"][..., 0], s["median"]
+            top1, med = s["top1"], s["median"]
             tiny = torch.finfo(torch.float32).tiny
             pp = self.per_pos
             pp["top1"][layer, :P] += (top1 * validf).sum(0)
             pp["median"][layer, :P] += (med * validf).sum(0)
             pp["ratio_med"][layer, :P] += (top1 / med.clamp_min(tiny) * validf).sum(0)
             pp["paper"][layer, :P] += (top1 / s["rest_mean"].clamp_min(tiny) * validf).sum(0)
-            massive = is_massive(
-                s["top_values"], med[..., None], abs_threshold=self.abs_threshold, rel_threshold=self.rel_threshold
-            ) & valid[..., None]
-            pp["sun"][layer, :P] += (massive.any(-1).float()).sum(0)
-            # Dense scatter-adds weighted by the masks: boolean indexing would sync the host.
-            top_dim = s["top_dims"][..., 0].reshape(-1)
-            all_dims = s["top_dims"].reshape(-1)
-            for c, cls_mask in enumerate((is_first, rest)):
-                m = (cls_mask & valid).reshape(-1).float()
-                self.top_dim_counts[layer, c].scatter_add_(0, top_dim, m)
-                mm = (massive & cls_mask[..., None]).reshape(-1).float()
-                self.massive_counts[layer, c].scatter_add_(0, all_dims, mm)
-                self.massive_sum[layer, c].scatter_add_(0, all_dims, mm * s["top_values"].reshape(-1))
+            massive_tok = s["massive_token"]  # [B, P]: the token has a Sun-massive dim (its largest is one)
+            pp["sun"][layer, :P] += massive_tok.float().sum(0)
+            for c in range(2):
+                self.top_dim_counts[layer, c] += s["top_dim_counts"][c]
+                self.massive_counts[layer, c] += s["massive_counts"][c]
+                events = s["massive_events"][c]
+                if events is not None:  # scatter-add in token order: the same sums as one event at a time
+                    dims, values = events
+                    self.massive_sum[layer, c].scatter_add_(0, dims, values)
             x0 = x[:, 0].float()
             self.first_abs[layer] += x0.abs().sum(0)
             self.first_signed[layer] += x0.sum(0)
-            self.rest_max[layer] = torch.maximum(self.rest_max[layer], s["masked_max"])
-            self.massive_tok.scatter_add_(0, batch.tokens.reshape(-1), (massive.any(-1) & rest).reshape(-1).float())
+            if s["rest_max"] is not None:
+                self.rest_max[layer] = torch.maximum(self.rest_max[layer], s["rest_max"])
+            self.massive_tok.scatter_add_(0, batch.tokens.reshape(-1), (massive_tok & rest).reshape(-1).float())
 
         def attn_in_hook(x: Tensor, hook: Any, layer: int) -> None:
             # Normalised input (every dim O(1)): total minus max keeps fp32 precision here, and
@@ -423,13 +520,11 @@ class DisparityAccumulator:
         denom = n.clamp_min(1)
         pp = {k: v.cpu() / denom for k, v in self.per_pos.items()}
         nf = max(self.n_first, 1)
-        tok = getattr(self.model, "tokenizer", None)
-        to_str: Callable[[int], str] = (lambda t: tok.decode([t])) if tok is not None else str
         seen = torch.nonzero(self.massive_tok.cpu() > 0).flatten()
         mt = pd.DataFrame(
             {
                 "token": seen.numpy(),
-                "str_token": [to_str(int(t)) for t in seen],
+                "str_token": token_strings(self.model, seen.tolist()),
                 "n_events": self.massive_tok.cpu()[seen].long().numpy(),
             }
         ).sort_values("n_events", ascending=False, ignore_index=True)
@@ -529,5 +624,8 @@ __all__: Sequence[str] = [
     "DisparityAccumulator",
     "compute_dimension_disparity",
     "is_massive",
+    "massive_in_top_k",
+    "residual_statistics",
     "token_disparity",
+    "topk_mask",
 ]

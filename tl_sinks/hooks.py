@@ -322,6 +322,28 @@ def grow(t: Tensor, n: int, dim: int, fill: float = 0.0) -> Tensor:
     return torch.cat([t, t.new_full(shape, fill)], dim=dim)
 
 
+def maybe_any(t: Tensor) -> bool:
+    """Whether ``t`` may hold a True entry, asked without a host sync.
+
+    On the CPU, where reading a tensor is a memory read, the answer is exact, so a hook can skip
+    work that would only add zeros (a rare event that did not happen). On an accelerator it is
+    always ``True``: the hook takes the general path rather than stall the device to find out.
+    """
+    return bool(t.any()) if t.device.type == "cpu" else True
+
+
+def selected(mask: Tensor) -> Tensor:
+    """Indices to update for a 1-D ``mask``, without a host sync.
+
+    On the CPU, the indices of its True entries; on an accelerator, every index (finding them
+    would stall the device). Callers still apply ``mask[indices]`` to what they write, so both
+    give the same result.
+    """
+    if mask.device.type == "cpu":
+        return torch.nonzero(mask).flatten()
+    return torch.arange(mask.shape[0], device=mask.device)
+
+
 def valid_mask(batch: TokenBatch) -> Tensor:
     """``[batch, pos]`` bool mask of real tokens."""
     return batch.attention_mask.bool()

@@ -31,7 +31,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +42,7 @@ from torch import Tensor
 
 from tl_sinks._compat import ModelInfo, require_hooks
 from tl_sinks._driver import run_stages
-from tl_sinks._inputs import TokenBatch
+from tl_sinks._inputs import TokenBatch, token_strings
 from tl_sinks._types import HookFn, ModelLike
 from tl_sinks.hooks import FiniteGuard, bind_index, grow
 from tl_sinks.results import SinkResult
@@ -99,7 +99,7 @@ def attention_received(
         counts = (counts - valid.long()).clamp_min(0)
     counts = counts.long()
     alpha = received / counts.clamp_min(1)[:, None, :].float()
-    alpha = torch.where(counts[:, None, :] > 0, alpha, torch.zeros_like(alpha))
+    alpha = torch.where(counts[:, None, :] > 0, alpha, 0.0)
     return alpha, counts
 
 
@@ -262,10 +262,7 @@ class SinkAccumulator:
             raise ValueError(f"eps must be in (0, 1), got {eps}")
         self.info, self.eps, self.exclude_self = info, eps, exclude_self
         require_hooks(model, self.hook_names(), stage=self.stage)
-        tok = getattr(model, "tokenizer", None)
-        self._to_str: Callable[[int], str] = (
-            (lambda t: tok.decode([t])) if tok is not None else (lambda t: str(t))
-        )
+        self.model = model
         L, H, V = info.n_layers, info.n_heads, info.d_vocab
         self.alpha_sum = torch.zeros(L, H, 0)
         self.above_sum = torch.zeros(L, H, 0)
@@ -341,7 +338,7 @@ class SinkAccumulator:
         table = pd.DataFrame(
             {
                 "token": seen.numpy(),
-                "str_token": [self._to_str(int(t)) for t in seen],
+                "str_token": token_strings(self.model, seen.tolist()),
                 "count": tok_n.long().numpy(),
                 "sink_rate": (self.tok_rate.cpu()[seen] / tok_n).numpy(),
                 "mean_received": (self.tok_alpha.cpu()[seen] / tok_n).numpy(),

@@ -75,10 +75,10 @@ from torch import Tensor
 
 from tl_sinks._compat import ModelInfo, base_meta, inspect_model, require_hooks
 from tl_sinks._driver import run_stages
-from tl_sinks._inputs import TokenBatch
+from tl_sinks._inputs import TokenBatch, token_strings
 from tl_sinks._types import HookFn, ModelLike
 from tl_sinks.errors import UnsupportedModelError
-from tl_sinks.hooks import FiniteGuard, bind_index
+from tl_sinks.hooks import FiniteGuard, bind_index, selected
 from tl_sinks.results import SinkResult, fmt_ratio
 
 DEFAULT_MIN_RATIO = 50.0
@@ -381,8 +381,6 @@ class SuperNeuronAccumulator:
         padded = batch.is_padded  # one host sync per batch, not per hook
         flat_tokens = batch.tokens.reshape(-1)
 
-        ar_n = torch.arange(self.info.d_mlp, device=device)
-
         def hook(post: Tensor, hook: Any, layer: int) -> None:
             a = post.float()
             absval = a.abs()  # a new tensor: masking it in place leaves the model's activation alone
@@ -403,15 +401,16 @@ class SuperNeuronAccumulator:
                 self.rest_max[layer] = torch.maximum(self.rest_max[layer], rest_peak.amax(0))
             at_first = first >= rest_peak  # ties go to the earlier position, as a flat argmax would
             m, b_idx = torch.where(at_first, first, rest_peak).max(0)  # [N]
-            p_idx = torch.where(
-                at_first[b_idx, ar_n], torch.zeros_like(b_idx), absval[b_idx, :, ar_n].argmax(-1)
-            )
+            # Where the peak is, for the neurons whose running peak grows: after the first batches
+            # that is a few, and on the CPU only those are looked up (every neuron on an accelerator).
             upd = m > self.max_abs[layer]
-            self.max_abs[layer] = torch.where(upd, m, self.max_abs[layer])
-            self.max_value[layer] = torch.where(upd, a[b_idx, p_idx, ar_n], self.max_value[layer])
-            self.max_prompt[layer] = torch.where(upd, batch.prompt_index[b_idx], self.max_prompt[layer])
-            self.max_pos[layer] = torch.where(upd, p_idx, self.max_pos[layer])
-            self.max_token[layer] = torch.where(upd, flat_tokens[b_idx * P + p_idx], self.max_token[layer])
+            cols = selected(upd)
+            b, keep = b_idx[cols], upd[cols]
+            p = torch.where(at_first[b, cols], 0, absval[b, :, cols].argmax(-1))
+            for state, new in ((self.max_abs, m[cols]), (self.max_value, a[b, p, cols]),
+                               (self.max_prompt, batch.prompt_index[b]), (self.max_pos, p),
+                               (self.max_token, flat_tokens[b * P + p])):
+                state[layer, cols] = torch.where(keep, new, state[layer, cols])
 
         return [(n, bind_index(hook, layer)) for layer, n in enumerate(self.hook_names())]
 
@@ -440,8 +439,6 @@ class SuperNeuronAccumulator:
             order = torch.argsort(write[cand[:, 0], cand[:, 1]], descending=True)[: self.top_k]
             cand = cand[order]
         layers, neurons = cand[:, 0].tolist(), cand[:, 1].tolist()
-        tok = getattr(self.model, "tokenizer", None)
-        to_str: Callable[[int], str] = (lambda t: tok.decode([t])) if tok is not None else str
 
         def col(t: Tensor, cast: Callable[[Any], Any] = float) -> list[Any]:
             return [cast(t[layer, n]) for layer, n in zip(layers, neurons)]
@@ -455,7 +452,7 @@ class SuperNeuronAccumulator:
                 "max_abs": col(max_abs),
                 "max_pos": col(self.max_pos.cpu(), int),
                 "max_prompt": col(self.max_prompt.cpu(), int),
-                "str_token": [to_str(int(self.max_token[layer, n])) for layer, n in zip(layers, neurons)],
+                "str_token": token_strings(self.model, [int(self.max_token[layer, n]) for layer, n in zip(layers, neurons)]),
                 "first_mean_abs": col(first_mean),
                 "rest_mean_abs": col(rest_mean),
                 "rest_max_abs": col(self.rest_max.cpu()),
