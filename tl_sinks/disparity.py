@@ -91,21 +91,30 @@ def token_disparity(
     return out
 
 
-def lower_median(a: Float[Tensor, "... d"]) -> Float[Tensor, "..."]:
+def lower_median(a: Float[Tensor, "... d"], *, nonnegative: bool = False) -> Float[Tensor, "..."]:
     """Lower median over the last dim, as ``torch.median`` returns it (pure kernel).
 
-    On CPU this uses NumPy's introselect, about 10x faster than ``torch.median`` for
-    ``d_model`` in the hundreds (the same value: both pick the ``(d - 1) // 2``-th smallest).
+    On CPU this uses NumPy's selection, about 10x faster than ``torch.median`` for ``d_model``
+    in the hundreds (the same value: both pick the ``(d - 1) // 2``-th smallest), on a copy
+    made by torch (so it counts as tensor memory). With ``nonnegative=True`` (the caller
+    guarantees no negative entries, e.g. ``|x|``) the selection runs on the float bits read as
+    integers, which order non-negative floats as the floats do, and is about twice as fast.
 
     Example:
         >>> lower_median(torch.tensor([[3.0, 1.0, 4.0, 2.0]])).tolist()
+        [2.0]
+        >>> lower_median(torch.tensor([[3.0, 1.0, 4.0, 2.0]]), nonnegative=True).tolist()
         [2.0]
     """
     k = (a.shape[-1] - 1) // 2
     if a.device.type != "cpu" or a.dtype not in (torch.float32, torch.float64) or a.requires_grad:
         return a.median(-1).values
-    x = a.detach().contiguous().numpy()
-    return torch.from_numpy(np.partition(x, k, axis=-1)[..., k])
+    buf = a.detach().clone(memory_format=torch.contiguous_format)
+    x = buf.numpy()
+    if nonnegative:
+        x = x.view(np.int32 if a.dtype == torch.float32 else np.int64)
+    x.partition(k, axis=-1)  # in place, in our copy
+    return buf[..., k].clone()
 
 
 def is_massive(
@@ -173,7 +182,7 @@ def residual_statistics(
     a = x.float().abs()  # a copy: the model's activation is never modified
     B, P, D = a.shape
     top1 = a.amax(-1)
-    med = lower_median(a)
+    med = lower_median(a, nonnegative=True)
     # 1.0 at each token's largest dim, else 0.0: a / max is 1 there and below 1 elsewhere (a float
     # quotient of a < t never rounds up to 1). Float arithmetic, as a bool compare costs 4x here.
     # An all-zero row has no top dim (torch.topk named an arbitrary one).
