@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "DimensionDisparity": "tl_sinks.disparity",
     "ModelInfo": "tl_sinks._compat",
-    "ModelNotAvailableError": "tl_sinks.loading",
+    "ModelNotAvailableError": "tl_sinks.errors",
     "NonFiniteActivationError": "tl_sinks.errors",
     "ResultFileError": "tl_sinks.results",
     "ScanResult": "tl_sinks.scan",
@@ -113,8 +113,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; nothing is imported at run
     from tl_sinks._compat import ModelInfo, describe_processing, inspect_model
     from tl_sinks.aggregation import ValueAggregation, compute_value_aggregation
     from tl_sinks.disparity import DimensionDisparity, compute_dimension_disparity
-    from tl_sinks.errors import NonFiniteActivationError, UnsupportedModelError
-    from tl_sinks.loading import ModelNotAvailableError, load_model
+    from tl_sinks.errors import ModelNotAvailableError, NonFiniteActivationError, UnsupportedModelError
+    from tl_sinks.loading import load_model
     from tl_sinks.results import ResultFileError, SinkResult, load_result
     from tl_sinks.scan import ScanResult, builtin_prompts, scan
     from tl_sinks.sinks import SinkScores, compute_sink_scores

@@ -138,7 +138,7 @@ def _check_device(device: str | None) -> None:
 def _model_dirs(model: str) -> list[Path]:
     """Directories an output must not be written into: the model's own and the shipped default."""
     from tl_sinks.loading import OFFLINE_ALIASES
-    from tl_sinks.train.default_model import DEFAULT_MODEL_DIR
+    from tl_sinks.train.paths import DEFAULT_MODEL_DIR
 
     dirs = [DEFAULT_MODEL_DIR]
     p = Path(model).expanduser()

@@ -14,3 +14,7 @@ class NonFiniteActivationError(ValueError):
 class ModelLoadError(ValueError):
     """A model's files are missing, broken or inconsistent (config vs weights, corrupt weights,
     no tokenizer): the message names the file."""
+
+
+class ModelNotAvailableError(OSError):
+    """The model is neither a local directory nor in the Hugging Face cache, and cannot be downloaded."""

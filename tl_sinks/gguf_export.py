@@ -360,7 +360,7 @@ def export_gguf(
     Args:
         hf_model_dir: A Hugging Face model directory (``config.json``, safetensors or ``.bin``
             weights, a fast byte-level BPE ``tokenizer.json``), e.g.
-            ``tl_sinks.train.default_model.default_model_path()``.
+            ``tl_sinks.train.paths.default_model_path()``.
         out_path: The ``.gguf`` file to write (replaced atomically if it exists).
         quantization: ``"F32"`` (lossless for fp32 and fp16 checkpoints), ``"F16"`` or
             ``"Q8_0"`` (8-bit blocks of 32 values with one fp16 scale: ~8.5 bits per weight).

@@ -61,7 +61,7 @@ from typing import Any, Literal
 import torch
 
 from tl_sinks._compat import record_processing
-from tl_sinks.errors import ModelLoadError
+from tl_sinks.errors import ModelLoadError, ModelNotAvailableError  # re-exported: tl_sinks.loading.ModelNotAvailableError
 
 Processing = Literal["none", "tl"]
 
@@ -94,7 +94,7 @@ def _minilm_path() -> str:
 
 
 def _default_path() -> str:
-    from tl_sinks.train.default_model import default_model_path
+    from tl_sinks.train.paths import default_model_path
 
     return default_model_path()
 
@@ -114,10 +114,6 @@ OFFLINE_ALIASES: dict[str, Any] = {
 }
 # Expected SHA-256 of the weights of aliases whose files tl_sinks itself ships.
 PACKAGED_DIGESTS: dict[str, str] = {"default": DEFAULT_WEIGHTS_SHA256}
-
-
-class ModelNotAvailableError(OSError):
-    """The model is neither a local directory nor in the Hugging Face cache, and cannot be downloaded."""
 
 
 def _first_line(error: BaseException) -> str:

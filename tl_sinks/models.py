@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from tl_sinks._io import _fsync_dir, atomic_write_text
-from tl_sinks.loading import ModelNotAvailableError
+from tl_sinks.errors import ModelNotAvailableError
 
 SOURCE_FILE = "tl_sinks_source.json"
 # Files a converted folder must hold (besides SOURCE_FILE) for it to count as fetched.

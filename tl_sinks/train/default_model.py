@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from tl_sinks._io import atomic_write, atomic_write_text
+from tl_sinks.train.paths import DEFAULT_MODEL_DIR, default_model_path  # noqa: F401 (re-exported)
 from tl_sinks.train.trainer import TrainConfig, sample_batch
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "default_model"
 
 # Recipe notes (measured on held-out 128-token windows, 2 CPU cores, see the model card):
 # the first recipe (weight decay 0.1, 4000 steps) plateaued at a sink in half of layer 3's
@@ -47,16 +47,6 @@ RECIPE = TrainConfig(
 
 # The evaluation set of the card: held-out (validation) windows of the training corpus.
 CARD_PROMPTS = {"n": 64, "seq_len": 128, "seed": 123}
-
-
-def default_model_path() -> str:
-    """Directory of the shipped default model (raises if the package data is missing)."""
-    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-        raise FileNotFoundError(
-            f"the default model is missing from {DEFAULT_MODEL_DIR}; reinstall tl_sinks, or train it with "
-            "`python -m tl_sinks.train.default_model train runs/default` and `install runs/default/model`"
-        )
-    return str(DEFAULT_MODEL_DIR)
 
 
 def card_prompts(tokenizer: Any, val_ids: Any = None) -> torch.Tensor:
