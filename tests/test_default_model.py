@@ -12,7 +12,6 @@ import json
 import math
 
 import pytest
-import torch
 
 import tl_sinks
 from tl_sinks.train.default_model import DEFAULT_MODEL_DIR, RECIPE, card_prompts
@@ -61,6 +60,23 @@ def test_the_card_is_what_the_weights_measure(card, builtin_scan, heldout_scan, 
         assert s[name] == pytest.approx(c[name], rel=1e-3, abs=1e-4), name
     for name in ("massive_dim_pos0", "massive_dim_layer", "n_super_neurons", "top_super_neuron"):
         assert s[name] == c[name], name
+
+
+@pytest.mark.parametrize("key", ["heldout", "builtin"])
+def test_the_card_reports_each_super_neurons_role(card, builtin_scan, heldout_scan, key):
+    # The card counts the chain super neurons apart from the other high-ratio ones (not "7 found").
+    from tl_sinks.train.default_model import _super_neuron_line
+
+    found = (heldout_scan if key == "heldout" else builtin_scan).super_neurons.found
+    rows = card[key]["super_neurons"]
+    assert [(n["label"], n["role"]) for n in rows] == list(zip(found["label"], found["role"]))
+    chain = list(found[found["role"] == "chain"]["label"])
+    assert card[key]["ablated"] == chain and card[key]["ablation_selection"] == "chain"
+    line = _super_neuron_line(rows)
+    assert line in (DEFAULT_MODEL_DIR / "MODEL_CARD.md").read_text()
+    assert f"{len(rows)} found; {len(chain)} in the chain (first token and channel-sparse down row): {chain[0]} peak" in line
+    if len(rows) > len(chain):
+        assert f"the other {len(rows) - len(chain)} (" in line or "more fire" in line
 
 
 # --------------------------------------------------------------------------- the chain, re-measured

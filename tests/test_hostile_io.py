@@ -27,7 +27,7 @@ from tl_sinks.errors import ModelLoadError
 from tl_sinks.report import build_report, write_report
 from tl_sinks.train.default_model import DEFAULT_MODEL_DIR
 from tl_sinks.viz import show_attention, show_neuron_activations, show_tokens
-from tl_sinks.viz.views import OfflineView, props_json, script_json
+from tl_sinks.viz.views import MARKUP_BREAK, OfflineView, props_json, script_json
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PWN = "</script><script>window.__pwned=1</script>"
@@ -49,12 +49,28 @@ def _render_payload(body: str) -> tuple[str, object]:
 
 
 def _sent_tokens(element: str, props: dict) -> list[str]:
-    """The token strings a view shows: markup props arrive html-escaped, the sink mark removed."""
+    """The token strings a view shows: markup props arrive with a joiner after what would open
+    markup (so none does), the sink mark removed."""
     toks = props["tokens"]
     if element != "AttentionHeads":
-        assert not any("<" in t or ">" in t for t in toks), toks
-        toks = [html.unescape(t) for t in toks]
+        assert not any(re.search(r"<[A-Za-z/!?]|&[A-Za-z0-9#]", t) for t in toks), toks
+        toks = [t.replace(MARKUP_BREAK, "") for t in toks]
     return [t.removeprefix("⟦sink⟧ ") for t in toks]
+
+
+def _chromium(page: str, tmp_path: Path, *args: str) -> str:
+    """Open ``page`` in headless Chromium with no network; return its stdout (``--dump-dom``)."""
+    assert CHROMIUM is not None, "TL_SINKS_REQUIRE_BROWSER is set but chromium is not installed"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "page.html"
+    path.write_text(page, encoding="utf-8")
+    cmd = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--virtual-time-budget=10000", *args, path.as_uri(),
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
 
 
 def _one_error_line(err: str, *needles: str) -> str:
@@ -138,19 +154,69 @@ def test_report_escapes_names_and_tokens(hostile_report):
 def test_report_does_not_run_injected_script_in_chromium(hostile_report, tmp_path):
     assert CHROMIUM is not None, "TL_SINKS_REQUIRE_BROWSER is set but chromium is not installed"
     probe = "<script>document.body.setAttribute('data-pwned', String(window.__pwned === 1));</script>"
-    page = tmp_path / "report.html"
-    page.write_text(hostile_report.replace("\n</body>", probe + "\n</body>"), encoding="utf-8")
-    cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND",
-        "--virtual-time-budget=10000", "--dump-dom", page.as_uri(),
-    ]
-    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    dom = _chromium(hostile_report.replace("\n</body>", probe + "\n</body>"), tmp_path, "--dump-dom")
     assert 'data-pwned="false"' in dom, "the probe did not run, or the injected script did"
     views = re.findall(r'<div id="(tl-sinks-cv-[0-9a-f]+)"[^>]*>(.*?)</div>', dom, flags=re.S)
     assert views and all(len(inner) > 50 for _, inner in views), "a view did not render"
-    assert html.escape(PWN, quote=False) in dom  # shown as text in the widget
+    assert html.escape(PWN, quote=False) in dom.replace(MARKUP_BREAK, "")  # shown as text in the widget
+
+
+# Hovers token HOVER of every token view (as the mouse does: react-popper-tooltip listens for
+# mouseenter/mousemove on the token), then records each view's token text and tooltip title.
+HOVER_PROBE = """<script>
+setTimeout(() => {
+  const triggers = (v) => v.querySelectorAll('.colored-tokens > span');
+  const views = [...document.querySelectorAll('.tl-sinks-view')];
+  for (const v of views) {
+    const t = triggers(v)[Number(v.dataset.hover)], r = t.getBoundingClientRect();
+    const at = {clientX: r.left + 4, clientY: r.bottom - 2, bubbles: true};
+    t.dispatchEvent(new MouseEvent('mouseenter', at));
+    t.dispatchEvent(new MouseEvent('mousemove', at));
+    setTimeout(() => t.dispatchEvent(new MouseEvent('mousemove', at)), 200);  // the tooltip exists now: place it
+  }
+  setTimeout(() => {
+    const seen = views.map((v) => {
+      const t = triggers(v)[Number(v.dataset.hover)], tip = t.nextElementSibling;
+      return {token: t.textContent, tooltip: tip ? tip.querySelector('strong, div').textContent : null};
+    });
+    document.body.setAttribute('data-seen', JSON.stringify(seen));
+    document.body.setAttribute('data-pwned', String(window.__pwned === 1));
+  }, 500);
+}, 1000);
+</script>"""
+
+
+def _hover_page(views: list[tuple[OfflineView, int]]) -> str:
+    from tl_sinks.viz.views import circuitsvis_bundle
+
+    body = "\n".join(v.fragment().replace('class="tl-sinks-view"', f'class="tl-sinks-view" data-hover="{i}"', 1)
+                     for v, i in views)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><script>{circuitsvis_bundle()}</script></head>"
+            f"<body style='font-size: 20px'>{body}{HOVER_PROBE}</body></html>")
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("TL_SINKS_REQUIRE_BROWSER"),
+                    reason="Debian's chromium is not installed (CI installs it and sets TL_SINKS_REQUIRE_BROWSER=1)")
+def test_token_and_its_tooltip_read_the_token_in_chromium(tmp_path):
+    # circuitsvis shows one string twice: as markup (the token) and as text (the hover tooltip).
+    toks = ["<s>", XSS, "a & b", "&lt;", "x"]
+    one = lambda: show_tokens(toks, torch.arange(5.0))  # noqa: E731 (a fresh view, a fresh element id)
+    multi = lambda: show_neuron_activations(toks, torch.randn(5, 2), neuron_labels=["L0N1", "&"])  # noqa: E731
+    cases = [(one(), 0), (multi(), 0), (one(), 1), (multi(), 3)]  # <s> in both views, the <img> token, a literal "&lt;"
+    dom = _chromium(_hover_page(cases), tmp_path, "--dump-dom")
+    assert 'data-pwned="false"' in dom, "the probe did not run, or the injected script did"
+    seen = json.loads(html.unescape(re.search(r'data-seen="([^"]*)"', dom).group(1)))
+    for (view, i), s in zip(cases, seen):
+        assert s["tooltip"] is not None, f"no tooltip on {view.element} token {i}"
+        # What a reader sees: the token's own characters, in the token and in its tooltip;
+        # the only extra is the invisible joiner that keeps "<s" from opening a tag.
+        assert s["token"].replace(MARKUP_BREAK, "") == s["tooltip"].replace(MARKUP_BREAK, "") == toks[i]
+        assert "&lt;" not in s["tooltip"] or toks[i] == "&lt;"
+    assert [s["tooltip"] for s in seen[:2]] == ["<\u2060s>", "<\u2060s>"]
+    shots = os.environ.get("TL_SINKS_SCREENSHOT_DIR")  # to look at the tooltips: one PNG per view
+    for k, (view, i) in enumerate(cases if shots else []):
+        png = Path(shots) / f"tooltip_{k}_{view.element}_token{i}.png"
+        _chromium(_hover_page([(view, i)]), tmp_path / str(k), f"--screenshot={png}", "--window-size=700,300")
 
 
 # --------------------------------------------------------------------------- 2. checkpoints

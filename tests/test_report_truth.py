@@ -42,7 +42,7 @@ from tl_sinks.viz import (
     show_neuron_activations,
     show_tokens,
 )
-from tl_sinks.viz.views import props_json
+from tl_sinks.viz.views import MARKUP_BREAK, props_json
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_browser = pytest.mark.skipif(
@@ -71,7 +71,8 @@ def _view_tokens(dom: str, uid: str) -> list[tuple[str, tuple[int, int, int]]]:
     end = dom.find('class="tl-sinks-view"', dom.index(">", start))  # the next view
     block = dom[start:end if end > 0 else len(dom)]
     spans = re.findall(r'<span style="display: inline-block; background-color: rgb\((\d+), (\d+), (\d+)\);[^"]*">(.*?)</span>', block)
-    return [(html.unescape(t), (int(r), int(g), int(b))) for r, g, b, t in spans]
+    # The token text holds an invisible joiner where it would open markup ("<\u2060s>"; see views.MARKUP_BREAK).
+    return [(html.unescape(t).replace(MARKUP_BREAK, ""), (int(r), int(g), int(b))) for r, g, b, t in spans]
 
 
 def _saturation(rgb: tuple[int, int, int]) -> int:

@@ -21,7 +21,6 @@ from tl_sinks._io import atomic_write, atomic_write_text
 from tl_sinks.train.paths import DEFAULT_MODEL_DIR, default_model_path  # noqa: F401 (re-exported)
 from tl_sinks.train.trainer import TrainConfig, sample_batch
 
-
 # Recipe notes (measured on held-out 128-token windows, 2 CPU cores, see the model card):
 # the first recipe (weight decay 0.1, 4000 steps) plateaued at a sink in half of layer 3's
 # heads (sink rate 0.08) from step 2250 on; Gu et al. find weight decay the strongest lever
@@ -98,10 +97,13 @@ def _measure_set(model: Any, r: Any, *, trace_prompts: Any, source: str) -> dict
         "sink_rate_by_layer": r.sinks.sink_rate_by_layer(0).values.tolist(),
         "mean_received_by_layer": r.sinks.values[:, :, 0].mean(1).tolist(),
         "var_ratio_by_layer": r.aggregation.layer_ratio().values.tolist(),
-        "super_neurons": sn[["label", "max_value", "max_pos", "position_ratio", "down_kurtosis", "top_dims", "top1_share"]].to_dict("records"),
+        "super_neurons": sn[["label", "max_value", "max_pos", "position_ratio", "down_kurtosis", "top_dims", "top1_share",
+                             "top3_share", "fires_at_first", "channel_sparse", "role"]].to_dict("records"),
         "top_dims": r.disparity.top_dims().to_dict("records"),
         "massive_dims": r.disparity.massive_dims().to_dict("records"),
         "chain_links": t.links.to_dict("records"),
+        "ablation_selection": t.meta["ablation_selection"],
+        "ablated": t.meta["ablated"],
         "position_sweep_peak": t.peak_received().to_dict("records"),
         "position": t.pos,
     }
@@ -158,9 +160,59 @@ def _fmt(x: Any, nd: int = 3) -> str:
     return f"{x:.{nd}g}" if isinstance(x, float) else str(x)
 
 
+def _positions(rows: list[dict[str, Any]]) -> str:
+    """``"position 3"`` or ``"positions 2-14"``: where a group of super neurons peaks."""
+    lo, hi = min(n["max_pos"] for n in rows), max(n["max_pos"] for n in rows)
+    return f"position {lo}" if lo == hi else f"positions {lo}-{hi}"
+
+
+def _rows_kind(rows: list[dict[str, Any]]) -> str:
+    """The down rows of a group, by the role's sparsity test, with their largest kurtosis and top-3 share."""
+    n_sparse = sum(bool(n["channel_sparse"]) for n in rows)
+    kind = ("dense down rows" if n_sparse == 0 else "channel-sparse down rows" if n_sparse == len(rows)
+            else f"down rows ({n_sparse} channel-sparse)")
+    return (f"{kind} (excess kurtosis at most {_fmt(max(n['down_kurtosis'] for n in rows))}, "
+            f"top-3 share at most {_fmt(max(n['top3_share'] for n in rows), 2)})")
+
+
+def _super_neuron_line(sn: list[dict[str, Any]]) -> str:
+    """The card's super-neuron bullet: how many were found, and which of them are the chain's.
+
+    Roles are :func:`tl_sinks.super_neurons.super_neuron_roles`' (``chain``: fires at the first
+    token and has a channel-sparse down row); only the chain neurons are described one by one,
+    because only they are links of the chain (and what ``trace_chain`` ablates).
+    """
+    if not sn:
+        return "- **Super neurons**: none found."
+    by_role = {role: [n for n in sn if n["role"] == role] for role in ("chain", "first_token", "other_position")}
+    chain, first, other = by_role["chain"], by_role["first_token"], by_role["other_position"]
+    parts = [f"{len(sn)} found", f"{len(chain)} in the chain (first token and channel-sparse down row)"
+             + (": " + "; ".join(
+                 f"{n['label']} peak {_fmt(n['max_value'])} at position {n['max_pos']}, down-row excess kurtosis "
+                 f"{_fmt(n['down_kurtosis'])}, top-3 share {_fmt(n['top3_share'], 2)}, top dims {n['top_dims']} "
+                 f"({_fmt(100 * n['top1_share'], 2)}% of its squared norm in the first)" for n in chain) if chain else "")]
+    if first:
+        parts.append(f"{len(first)} more {'fires' if len(first) == 1 else 'fire'} at the first token "
+                     f"({', '.join(n['label'] for n in first)}) with " + _rows_kind(first))
+    if other:
+        verb = "peaks" if len(other) == 1 else "peak"
+        parts.append(f"{'and' if first else 'the other'} {len(other)} ({', '.join(n['label'] for n in other)}) {verb} at "
+                     f"{_positions(other)} with " + _rows_kind(other))
+    return "- **Super neurons**: " + "; ".join(parts) + "."
+
+
+def _ablated(m: dict[str, Any]) -> str:
+    """Which super neurons the trace mean-ablated, as ``trace_chain`` chose them."""
+    labels = ", ".join(m["ablated"])
+    if m["ablation_selection"] == "chain":
+        return f"the chain super neurons {labels} mean-ablated at position 0"
+    if m["ablation_selection"] == "first_token":
+        return f"no chain super neuron, so the first-token ones {labels} mean-ablated at position 0"
+    return "no super neuron to ablate"
+
+
 def _chain_lines(m: dict[str, Any]) -> list[str]:
     s = m["summary"]
-    sn = m["super_neurons"]
     lines = [
         f"On {m['source']}:",
         "",
@@ -169,17 +221,13 @@ def _chain_lines(m: dict[str, Any]) -> list[str]:
         + ", ".join(_fmt(v, 2) for v in m["sink_rate_by_layer"]) + ".",
         f"- **Value aggregation**: median over heads of var(first) / var(rest) = {_fmt(s['var_ratio_first_rest_median'])}; per layer "
         + ", ".join(_fmt(v, 2) for v in m["var_ratio_by_layer"]) + ".",
-        f"- **Super neurons**: {s.get('n_super_neurons', 0)} found"
-        + ("; " + "; ".join(
-            f"{n['label']} peak {_fmt(n['max_value'])} at position {n['max_pos']}, down-row excess kurtosis {_fmt(n['down_kurtosis'])}, "
-            f"top dims {n['top_dims']} ({_fmt(100 * n['top1_share'], 2)}% of its squared norm in the first)" for n in sn[:3]) if sn else "")
-        + ".",
+        _super_neuron_line(m["super_neurons"]),
         f"- **Dimension disparity**: at the first token, dim {s['massive_dim_pos0']} reaches {_fmt(s['massive_dim_value'])} "
         f"(layer {s['massive_dim_layer']}, {_fmt(s['massive_dim_ratio_to_median'])}x the token's median |x|); the paper's ratio "
         f"(top dim / mean of the others, after the attention norm, max over layers) is {_fmt(s['disparity_pos0_attn_in'])} at "
         f"position 0 against {_fmt(s['disparity_rest_attn_in'])} elsewhere. Sun et al.'s criterion (> 100 and > 1000x the median): "
         f"{s['sun_massive_dims_pos0'] or 'not met'}.",
-        f"- **Trace** (`trace_chain`, super neurons mean-ablated at position 0): "
+        f"- **Trace** (`trace_chain`, {_ablated(m)}): "
         + "; ".join(f"{r['metric']}: {_fmt(r['baseline'])} -> {_fmt(r['intervened'])}" for r in m["chain_links"]) + ".",
         "",
         f"Sinks created at position {m['position']}: peak over layers of the attention it receives (no intervention, the "

@@ -32,14 +32,24 @@ from tl_sinks._io import atomic_write_text
 _SCRIPT_UNSAFE = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 _SCRIPT_UNSAFE_RE = re.compile("[<>&\u2028\u2029]")
 
-# Props that circuitsvis puts into the page as markup (React's dangerouslySetInnerHTML), not as
-# text: a token such as "<img/src/onerror=...>" would run. They are sent html-escaped, which the
-# widget shows as the original characters.
+# Props that circuitsvis puts into the page as markup (React's dangerouslySetInnerHTML in
+# tokens/utils/Token.tsx and TokenCustomTooltip.tsx): a token such as "<img/src/onerror=...>"
+# would run. The same strings are the hover tooltips' text ({token} in Token.tsx, the title in
+# ColoredTokensMulti.tsx), so html-escaping them showed "&lt;s&gt;" there; see _markup_safe.
+# AttentionHeads draws its tokens on a canvas (chart.js), as text: sent unchanged.
 _HTML_PROPS: dict[str, tuple[str, ...]] = {
     "ColoredTokens": ("tokens",),
     "ColoredTokensMulti": ("tokens",),
     "TextNeuronActivations": ("tokens",),
 }
+
+# U+2060 WORD JOINER: invisible, zero width, no line break, and not whitespace to circuitsvis
+# (its /\s/ -> &nbsp; replacement leaves it alone).
+MARKUP_BREAK = "\u2060"
+# In HTML text, "<" opens markup only before an ASCII letter, "/", "!" or "?", and "&" starts a
+# character reference only before an ASCII letter, digit or "#" (WHATWG tokenizer, tag open and
+# character reference states); anywhere else the parser keeps them as the characters themselves.
+_OPENS_MARKUP_RE = re.compile(r"<(?=[A-Za-z/!?])|&(?=[A-Za-z0-9#])")
 
 
 def script_json(obj: Any) -> str:
@@ -58,12 +68,21 @@ def script_json(obj: Any) -> str:
     return _SCRIPT_UNSAFE_RE.sub(lambda m: _SCRIPT_UNSAFE[m.group()], json.dumps(obj))
 
 
-def _escape_markup(x: Any) -> Any:
-    """``html.escape`` every string in ``x`` (a string or nested lists of them)."""
+def _markup_safe(x: Any) -> Any:
+    """Strings that read the same as markup and as text: :data:`MARKUP_BREAK` after each
+    ``<`` that would open a tag and each ``&`` that would start a character reference.
+
+    circuitsvis sends one token string both to ``innerHTML`` (the token) and to a text node (its
+    hover tooltip), so no escaping suits both: ``&lt;`` shows literally in the tooltip. With the
+    joiner the HTML parser makes no element and decodes no reference, so both show the original
+    characters (``<s>``, ``<img src=x onerror=...>``) and nothing can run. Strings are changed
+    only where needed (``"a & b"``, ``"< 3"`` stay as they are). Applies to ``x`` a string or
+    nested lists of them.
+    """
     if isinstance(x, str):
-        return html.escape(x, quote=False)
+        return _OPENS_MARKUP_RE.sub(lambda m: m.group() + MARKUP_BREAK, x)
     if isinstance(x, (list, tuple)):
-        return [_escape_markup(v) for v in x]
+        return [_markup_safe(v) for v in x]
     return x
 
 
@@ -84,7 +103,10 @@ class OfflineView:
 
     Any strings are safe in ``props``: the page receives them as :func:`script_json`, and those
     that circuitsvis renders as markup (the token strings of ``ColoredTokens``,
-    ``ColoredTokensMulti`` and ``TextNeuronActivations``) html-escaped.
+    ``ColoredTokensMulti`` and ``TextNeuronActivations``, which are also their hover text) with an
+    invisible :data:`MARKUP_BREAK` after any ``<`` or ``&`` that would start markup, so that the
+    tokens and their tooltips both read ``<s>`` (see :func:`_markup_safe`). The page's DOM text
+    holds that joiner (as does a copy of it); ``text.replace(MARKUP_BREAK, "")`` removes it.
 
     ``repr(view)`` and ``print(view)`` give one line (the element, what it shows, the colour
     scale); the page itself is ``_repr_html_`` (Jupyter), ``local_src`` or :meth:`save`.
@@ -103,10 +125,11 @@ class OfflineView:
         self.props = props
         # circuitsvis' convert_props, made safe inside <script> and, for props circuitsvis
         # renders as markup, as HTML: token strings come from the tokenizer, i.e. from the model's files.
+        # Not html-escaped: the same strings are the tooltips' text, where "&lt;" would show.
         sent = {k: convert_prop_type(v) for k, v in props.items() if v is not None}
         for k in _HTML_PROPS.get(element, ()):
             if k in sent:
-                sent[k] = _escape_markup(sent[k])
+                sent[k] = _markup_safe(sent[k])
         self._props_js = script_json(sent)
         self.uid = "tl-sinks-cv-" + uuid4().hex[:12]
 
@@ -274,6 +297,7 @@ def props_json(view: OfflineView) -> str:
     """The view's properties as the JSON embedded in the page, for tests and debugging.
 
     ``json.loads`` gives back ``view.props``, except that the props circuitsvis renders as markup
-    hold html-escaped strings (``html.unescape`` gives back the originals).
+    hold :data:`MARKUP_BREAK` after a ``<`` or ``&`` that would start markup (removing it gives
+    back the originals).
     """
     return view._props_js
