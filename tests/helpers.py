@@ -6,6 +6,8 @@ Nothing here imports tl_sinks: the references must not share code with what they
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 from pathlib import Path
 
 import torch
@@ -127,3 +129,21 @@ def lower_median(x: torch.Tensor) -> torch.Tensor:
     """Lower median over the last dim, by sorting (independent of ``torch.median``)."""
     s, _ = torch.sort(x, dim=-1)
     return s[..., (x.shape[-1] - 1) // 2]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def chromium(page: str, tmp_path: Path, *args: str) -> str:
+    """Open ``page`` in headless Chromium with no network; return its stdout (e.g. ``--dump-dom``)."""
+    assert CHROMIUM is not None, "TL_SINKS_REQUIRE_BROWSER is set but chromium is not installed"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "page.html"
+    path.write_text(page, encoding="utf-8")
+    cmd = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--virtual-time-budget=10000", *args, path.as_uri(),
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from transformers import LlamaForCausalLM
 
 import tl_sinks
 from tests.conftest import llama_config, seed_all
-from tests.helpers import BOS, build_tokenizer, save_hf
+from tests.helpers import BOS, build_tokenizer, chromium, save_hf
 from tl_sinks import _io
 from tl_sinks.cli import main
 from tl_sinks.errors import ModelLoadError
@@ -59,18 +58,7 @@ def _sent_tokens(element: str, props: dict) -> list[str]:
 
 
 def _chromium(page: str, tmp_path: Path, *args: str) -> str:
-    """Open ``page`` in headless Chromium with no network; return its stdout (``--dump-dom``)."""
-    assert CHROMIUM is not None, "TL_SINKS_REQUIRE_BROWSER is set but chromium is not installed"
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "page.html"
-    path.write_text(page, encoding="utf-8")
-    cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND",
-        "--virtual-time-budget=10000", *args, path.as_uri(),
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    return chromium(page, tmp_path, *args)
 
 
 def _one_error_line(err: str, *needles: str) -> str:

@@ -23,6 +23,7 @@ import torch
 
 import tl_sinks
 from tests.conftest import PLANT, random_prompts
+from tests.helpers import chromium
 from tl_sinks.report import (
     build_report,
     fmt_change,
@@ -53,16 +54,7 @@ PROMPTS = [" ".join(f"w{i}" for i in range(k, k + 9)) for k in range(6, 12)]
 
 
 def _dom(page: str, tmp_path: Path) -> str:
-    assert CHROMIUM is not None, "TL_SINKS_REQUIRE_BROWSER is set but chromium is not installed"
-    path = tmp_path / "page.html"
-    path.write_text(page, encoding="utf-8")
-    cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND",
-        "--virtual-time-budget=10000", "--dump-dom", path.as_uri(),
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    return chromium(page, tmp_path, "--dump-dom")
 
 
 def _view_tokens(dom: str, uid: str) -> list[tuple[str, tuple[int, int, int]]]:
