@@ -212,7 +212,8 @@ def _probe(model: ModelLike, n_layers: int, vocab: int) -> dict[str, Any]:
     names = ["blocks.0.hook_resid_pre", "blocks.0.ln1.hook_in", "blocks.0.attn.hook_in", "blocks.0.mlp.hook_post"]
     for layer in range(n_layers):
         names += [f"blocks.{layer}.{s}" for s in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")]
-    present = [n for n in dict.fromkeys(names) if n in model.hook_dict]
+    hook_dict = model.hook_dict  # the bridge builds it anew on every access
+    present = [n for n in dict.fromkeys(names) if n in hook_dict]
     tokens = (torch.arange(2) % vocab).unsqueeze(0)
     store: dict[str, torch.Tensor] = {}
 
@@ -223,7 +224,7 @@ def _probe(model: ModelLike, n_layers: int, vocab: int) -> dict[str, Any]:
     with torch.no_grad(), model.hooks(fwd_hooks=[(n, save) for n in present]):
         model(tokens.to(device), return_type=None)
     # TL hook names may come back as aliases; map by the names we asked for.
-    got = {n: store.get(model.hook_dict[n].name, store.get(n)) for n in present}
+    got = {n: store.get(hook_dict[n].name, store.get(n)) for n in present}
     for n, t in got.items():
         if t is not None and not bool(torch.isfinite(t).all()):
             raise NonFiniteActivationError(
@@ -367,12 +368,13 @@ def inspect_model(model: ModelLike) -> ModelInfo:
         )
     cfg = model.cfg
     n_layers = int(cfg.n_layers)
+    hook_dict = model.hook_dict  # the bridge builds it anew on every access (~0.5 ms): read it once
     arch = str(_cfg(model, "architecture", "original_architecture", default=type(model).__name__))
     missing = [
         n
         for layer in range(n_layers)
         for n in (f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_z")
-        if n not in model.hook_dict
+        if n not in hook_dict
     ]
     if missing:
         raise UnsupportedModelError(
@@ -382,7 +384,7 @@ def inspect_model(model: ModelLike) -> ModelInfo:
     n_heads = int(cfg.n_heads)
     n_kv = int(_cfg(model, "n_key_value_heads", default=n_heads))
     attn_only = bool(_cfg(model, "attn_only", default=False))
-    has_mlp = not attn_only and all(f"blocks.{layer}.mlp.hook_post" in model.hook_dict for layer in range(n_layers))
+    has_mlp = not attn_only and all(f"blocks.{layer}.mlp.hook_post" in hook_dict for layer in range(n_layers))
     causal = str(_cfg(model, "attention_dir", default="causal")) != "bidirectional"
     processing = describe_processing(model)
     key = (bool(getattr(model, "compatibility_mode", False)), bool(getattr(model, "_weights_processed", False)))
@@ -400,9 +402,9 @@ def inspect_model(model: ModelLike) -> ModelInfo:
     post_ln = bool(probe["post_ln"])
     if post_ln:
         attn_in = "hook_resid_pre"
-    elif all(f"blocks.{layer}.ln1.hook_out" in model.hook_dict for layer in range(n_layers)):
+    elif all(f"blocks.{layer}.ln1.hook_out" in hook_dict for layer in range(n_layers)):
         attn_in = "ln1.hook_out"
-    elif all(f"blocks.{layer}.attn.hook_in" in model.hook_dict for layer in range(n_layers)):
+    elif all(f"blocks.{layer}.attn.hook_in" in hook_dict for layer in range(n_layers)):
         attn_in = "attn.hook_in"  # no norm before attention (OLMo 2): what the attention reads
     else:
         attn_in = "ln1.hook_out"  # let the stages name the missing hook
@@ -435,7 +437,8 @@ def inspect_model(model: ModelLike) -> ModelInfo:
 
 def require_hooks(model: ModelLike, names: list[str], *, stage: str) -> None:
     """Raise :class:`UnsupportedModelError` naming any hook in ``names`` the model lacks."""
-    missing = [n for n in names if n not in model.hook_dict]
+    hook_dict = model.hook_dict  # built anew on every access: once, not once per name
+    missing = [n for n in names if n not in hook_dict]
     if missing:
         arch = _cfg(model, "architecture", default=type(model).__name__)
         raise UnsupportedModelError(

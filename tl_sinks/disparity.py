@@ -187,7 +187,7 @@ def residual_statistics(
     # quotient of a < t never rounds up to 1). Float arithmetic, as a bool compare costs 4x here.
     # An all-zero row has no top dim (torch.topk named an arbitrary one).
     is_top = (a / top1.clamp_min(torch.finfo(a.dtype).tiny)[..., None]).floor_()
-    restf = valid[:, 1:, None].to(a.dtype)
+    restf = valid[:, 1:, None].to(a.dtype) if padded else None
     if P == 1:
         rest_max = None
     elif padded:
@@ -198,14 +198,16 @@ def residual_statistics(
     top_dim_counts = (is_top[:, 0].sum(0), rest_top.sum(1).sum(0))
     # Any dim of a token is massive iff its largest is: the test is a per-token threshold.
     massive_token = is_massive(top1, med, abs_threshold=abs_threshold, rel_threshold=rel_threshold) & valid
-    threshold = torch.where(massive_token, (rel_threshold * med).clamp_min(abs_threshold), torch.inf)
     massive_counts, massive_events = [], []
+    threshold = None
     for cls in (slice(0, 1), slice(1, None)):
-        part, thr = a[:, cls], threshold[:, cls]
         if not maybe_any(massive_token[:, cls]):  # no massive token in the class: nothing to add
             massive_counts.append(torch.zeros(D, device=a.device))
             massive_events.append(None)
             continue
+        if threshold is None:
+            threshold = torch.where(massive_token, (rel_threshold * med).clamp_min(abs_threshold), torch.inf)
+        part, thr = a[:, cls], threshold[:, cls]
         m = massive_in_top_k(part, thr, k)
         massive_counts.append(m.sum((0, 1)).to(a.dtype))
         dims = torch.arange(D, device=a.device).expand(part.shape).reshape(-1)
@@ -474,7 +476,7 @@ class DisparityAccumulator:
             # and only the rare Sun-massive dims need a top-k (see residual_statistics).
             s = residual_statistics(x, valid, padded=padded, k=self.k, abs_threshold=self.abs_threshold,
                                     rel_threshold=self.rel_threshold)
-            guard.watch(hook.name, s["abs_sum"] * validf)
+            guard.watch(hook.name, s["abs_sum"] * validf if padded else s["abs_sum"])
             top1, med = s["top1"], s["median"]
             tiny = torch.finfo(torch.float32).tiny
             pp = self.per_pos

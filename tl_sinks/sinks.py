@@ -51,6 +51,30 @@ DEFAULT_EPS = 0.3
 
 
 # --------------------------------------------------------------------------- kernels
+def query_counts(
+    lengths: Int[Tensor, " batch"],
+    n_key: int,
+    *,
+    causal: bool = True,
+    exclude_self: bool = False,
+) -> Int[Tensor, "batch key_pos"]:
+    """How many queries see each key (pure kernel; the same for every layer of a batch).
+
+    Example:
+        >>> query_counts(torch.tensor([3, 2]), 3).tolist()
+        [[3, 2, 1], [2, 1, 0]]
+    """
+    pos = torch.arange(n_key, device=lengths.device)
+    valid = pos[None, :] < lengths[:, None]
+    if causal:
+        counts = (lengths[:, None] - pos[None, :]).clamp_min(0)
+    else:
+        counts = lengths[:, None].expand(-1, n_key) * valid
+    if exclude_self:
+        counts = (counts - valid.long()).clamp_min(0)
+    return counts.long()
+
+
 def attention_received(
     pattern: Float[Tensor, "batch head_index query_pos key_pos"],
     lengths: Int[Tensor, " batch"],
@@ -58,6 +82,7 @@ def attention_received(
     causal: bool = True,
     exclude_self: bool = False,
     padded: bool | None = None,
+    counts: Int[Tensor, "batch key_pos"] | None = None,
 ) -> tuple[Float[Tensor, "batch head_index key_pos"], Int[Tensor, "batch key_pos"]]:
     """Mean attention each key receives from the queries that can see it (pure kernel).
 
@@ -68,10 +93,12 @@ def attention_received(
         exclude_self: Drop the diagonal ``q == k`` from the average.
         padded: Whether any row is shorter than ``pos`` (``None``: work it out, which syncs
             the host; accumulators pass their batch's cached flag).
+        counts: :func:`query_counts` for these arguments, when the caller has it already (an
+            accumulator computes it once per batch, not once per layer).
 
     Returns:
-        ``(alpha, counts)``: ``alpha[b, h, k]`` the mean over counted queries (0 where none
-        count), and ``counts[b, k]`` how many queries were averaged.
+        ``(alpha, counts)``: ``alpha[b, h, k]`` the mean over counted queries (exactly 0 where
+        none count), and ``counts[b, k]`` how many queries were averaged.
 
     Example:
         >>> p = torch.tensor([[[[1.0, 0, 0], [0.5, 0.5, 0], [0.8, 0.1, 0.1]]]])
@@ -80,26 +107,25 @@ def attention_received(
         ([0.7667, 0.3, 0.1], [3, 2, 1])
     """
     n_key = pattern.shape[-1]
-    pos = torch.arange(n_key, device=pattern.device)
-    valid = pos[None, :] < lengths[:, None]
+    if counts is None:
+        counts = query_counts(lengths, n_key, causal=causal, exclude_self=exclude_self)
     p = pattern.float()
     if padded is None:
         padded = bool((lengths < pattern.shape[-2]).any())
+    if padded or exclude_self:
+        valid = torch.arange(n_key, device=pattern.device)[None, :] < lengths[:, None]
     if not padded:
         received = p.sum(-2)  # no padded queries: a plain reduction is ~10x faster than the einsum
     else:
         # Padded queries hold garbage rows: weight them out (a [b, 1, q] x [b, h, q, k] matmul).
         received = (valid[:, None, None, :].to(p.dtype) @ p)[..., 0, :]
-    if causal:
-        counts = (lengths[:, None] - pos[None, :]).clamp_min(0)
-    else:
-        counts = lengths[:, None].expand(-1, n_key) * valid
     if exclude_self:
         received = received - p.diagonal(dim1=-2, dim2=-1) * valid[:, None, :]
-        counts = (counts - valid.long()).clamp_min(0)
-    counts = counts.long()
     alpha = received / counts.clamp_min(1)[:, None, :].float()
-    alpha = torch.where(counts[:, None, :] > 0, alpha, 0.0)
+    if padded or exclude_self or not causal:
+        # Some keys may have no counted query (padding, a self-only count of 1 - 1): 0 there. An
+        # unpadded causal batch counts P - k >= 1 queries for every key k.
+        alpha = torch.where(counts[:, None, :] > 0, alpha, 0.0)
     return alpha, counts
 
 
@@ -295,20 +321,19 @@ class SinkAccumulator:
         }
 
         padded = batch.is_padded
+        counts = query_counts(batch.lengths, P, causal=self.info.causal, exclude_self=self.exclude_self)
+        self._batch["counts"] = counts
 
         def hook(pattern: Tensor, hook: Any, layer: int) -> None:
-            alpha, counts = attention_received(
-                pattern, batch.lengths, causal=self.info.causal, exclude_self=self.exclude_self, padded=padded
-            )
+            alpha, _ = attention_received(pattern, batch.lengths, causal=self.info.causal,
+                                          exclude_self=self.exclude_self, padded=padded, counts=counts)
             guard.watch(hook.name, alpha)
-            counted = (counts > 0).float()  # [B, P]
-            self.alpha_sum[layer, :, :P] += (alpha * counted[:, None, :]).sum(0)
-            above = (alpha > self.eps).float() * counted[:, None, :]
+            # alpha is exactly 0 at keys no query counts (and eps > 0), so neither sum needs a mask.
+            self.alpha_sum[layer, :, :P] += alpha.sum(0)
+            above = (alpha > self.eps).float()
             self.above_sum[layer, :, :P] += above.sum(0)
             self._batch["heads_above"] += above.sum(1)
             self._batch["alpha_heads"] += alpha.sum(1)
-            if layer == 0:
-                self._batch["counts"] = counts
 
         return [(name, bind_index(hook, layer)) for layer, name in enumerate(self.hook_names())]
 
@@ -419,5 +444,6 @@ __all__: Sequence[str] = [
     "SinkScores",
     "attention_received",
     "compute_sink_scores",
+    "query_counts",
     "uniform_received",
 ]

@@ -389,14 +389,12 @@ class SuperNeuronAccumulator:
             total = absval.sum((0, 1))
             guard.watch(hook.name, total)
             self.all_sum[layer] += total
-            first = absval[:, 0].clone()  # [B, N]
+            first = absval[:, 0]  # [B, N]
             self.first_sum[layer] += first.sum(0)
             # Per-neuron peak and where it is, in two cheap stages (max over positions within
             # each prompt, then over prompts, then one [N, P] gather) instead of an argmax over
-            # all B*P rows, which is several times slower on CPU. Position 0 is zeroed first so
-            # the same reduction also gives the peak over positions >= 1.
-            absval[:, 0] = 0.0
-            rest_peak = absval.amax(1)  # [B, N], over positions >= 1
+            # all B*P rows, which is several times slower on CPU.
+            rest_peak = absval[:, 1:].amax(1) if P > 1 else torch.zeros_like(first)  # [B, N], positions >= 1
             if P > 1:
                 self.rest_max[layer] = torch.maximum(self.rest_max[layer], rest_peak.amax(0))
             at_first = first >= rest_peak  # ties go to the earlier position, as a flat argmax would
@@ -406,6 +404,8 @@ class SuperNeuronAccumulator:
             upd = m > self.max_abs[layer]
             cols = selected(upd)
             b, keep = b_idx[cols], upd[cols]
+            # Where the peak is not at position 0 it is above |x| there, so the first argmax over
+            # all positions lands on a later one.
             p = torch.where(at_first[b, cols], 0, absval[b, :, cols].argmax(-1))
             for state, new in ((self.max_abs, m[cols]), (self.max_value, a[b, p, cols]),
                                (self.max_prompt, batch.prompt_index[b]), (self.max_pos, p),
