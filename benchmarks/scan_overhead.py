@@ -20,9 +20,18 @@ on the CPU the running sum of the allocations and frees the PyTorch profiler rec
 needs, in one process; ``--rss`` also runs each variant in a fresh subprocess and reports its
 peak RSS above the RSS after loading (the method of earlier versions of this script).
 
+**Allocator**: on Linux, glibc's malloc hands large freed blocks back to the kernel and maps
+them afresh, so every forward pass takes tens of thousands of page faults (seen here: ~50,000 per
+batch of 8 x 256 on the default model, about 30% of its time, varying from process to process).
+That noise falls on both variants but dilutes and scatters the ratio. ``--allocator stable``
+re-runs the script with ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` at 4 GiB (glibc
+keeps freed memory for reuse), which makes the forward pass faster and the ratio repeatable;
+the JSON records the allocator and each variant's page faults.
+
 Usage::
 
     python benchmarks/scan_overhead.py --model default --batch-size 8 --seq-len 256 --n-batches 4 --repeats 9
+    python benchmarks/scan_overhead.py --model default --batch-size 8 --seq-len 256 --n-batches 4 --repeats 15 --allocator stable
     python benchmarks/scan_overhead.py --model minilm --batch-size 8 --seq-len 128 --n-batches 4 --repeats 9
     python benchmarks/scan_overhead.py --random gpt2-small --seq-len 1024 --batch-size 16 --device cuda --dtype bfloat16
 
@@ -52,6 +61,7 @@ RANDOM_CONFIGS = {
     "gpt2-tiny": dict(n_embd=256, n_layer=4, n_head=4, n_positions=512, vocab_size=5000),
 }
 VARIANTS = ("forward", "scan", "run_with_cache")
+STABLE_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(4 * 2**30), "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30)}
 
 
 def build_random(name: str, out: Path) -> Path:
@@ -149,12 +159,15 @@ def measure(args: argparse.Namespace) -> dict:
         w.run(v)
     wall: dict[str, list[float]] = {v: [] for v in variants}
     cpu: dict[str, list[float]] = {v: [] for v in variants}
+    faults: dict[str, list[int]] = {v: [] for v in variants}
     for r in range(args.repeats):
         for v in variants[r % len(variants):] + variants[: r % len(variants)]:
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0, c0 = time.perf_counter(), time.process_time()
             w.run(v)
             wall[v].append(time.perf_counter() - t0)
             cpu[v].append(time.process_time() - c0)
+            faults[v].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     peaks = {v: w.peak_mib(v) for v in variants}
     n_tokens = args.batch_size * args.seq_len * args.n_batches
     rows = []
@@ -166,6 +179,7 @@ def measure(args: argparse.Namespace) -> dict:
             "times_s": wall[v],
             "cpu_times_s": cpu[v],
             "tokens_per_s": n_tokens / statistics.median(wall[v]),
+            "median_page_faults": statistics.median(faults[v]),
             "peak_mem_mib": peaks[v],
             "peak_mem_kind": ("cuda max_memory_allocated above the start" if w.cuda else
                               "peak of tensor allocations above the start (PyTorch profiler memory events)"),
@@ -227,6 +241,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--rss", action="store_true", help="also peak RSS, each variant in a fresh subprocess")
+    ap.add_argument("--allocator", choices=("default", "stable"), default="default",
+                    help="stable: glibc keeps freed memory (no page-fault noise; see the module docstring)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--rss-variant", help=argparse.SUPPRESS)
     ap.add_argument("--model-path", help=argparse.SUPPRESS)
@@ -234,6 +250,9 @@ def main() -> None:
     if args.rss_variant:  # child process
         print(json.dumps(rss_worker(args)))
         return
+    if args.allocator == "stable" and any(os.environ.get(k) != v for k, v in STABLE_ALLOCATOR.items()):
+        # glibc reads these when the process starts: run the script again with them set.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STABLE_ALLOCATOR})
     name = args.random or args.model or "minilm"
     with tempfile.TemporaryDirectory() as tmp:
         args.model_path = str(build_random(args.random, Path(tmp))) if args.random else name
@@ -251,13 +270,16 @@ def main() -> None:
         "model": name,
         "settings": {k: getattr(args, k) for k in ("batch_size", "seq_len", "n_batches", "repeats", "device", "dtype")},
         "method": "one process, interleaved rounds (rotated order), medians; memory from a separate untimed run",
+        "allocator": {"kind": args.allocator, **{k: os.environ.get(k) for k in STABLE_ALLOCATOR}},
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                     "cpus": os.cpu_count(), "threads": measured["threads"],
                     "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
         "results": rows,
         "command": " ".join(["python", "benchmarks/scan_overhead.py", *sys.argv[1:]]),
     }
-    out = Path(args.out or Path(__file__).parent / "results" / f"scan_overhead_{name.replace('/', '_')}_{args.device}.json")
+    suffix = "_stable" if args.allocator == "stable" else ""
+    out = Path(args.out or Path(__file__).parent / "results"
+               / f"scan_overhead_{name.replace('/', '_')}_{args.device}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"{'variant':16} {'wall s':>8} {'x fwd':>6} {'cpu s':>8} {'x fwd':>6} {'peak MiB':>9} {'x fwd':>6}")

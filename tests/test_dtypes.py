@@ -22,7 +22,7 @@ def test_half_precision_models_give_fp32_statistics(tiny_llama_dir, tiny_llama, 
     for stage in ("sinks", "aggregation", "super_neurons", "disparity"):
         a, b = getattr(ref, stage), getattr(got, stage)
         for f in dataclasses.fields(a):
-            x, y = getattr(a, f.name), getattr(b, f.name)
+            y = getattr(b, f.name)
             if isinstance(y, torch.Tensor) and y.is_floating_point():
                 assert y.dtype == torch.float32, f"{stage}.{f.name} is {y.dtype}"
     # The numbers are the fp32 model's, to the model's own rounding.

@@ -61,7 +61,10 @@ from typing import Any, Literal
 import torch
 
 from tl_sinks._compat import record_processing
-from tl_sinks.errors import ModelLoadError, ModelNotAvailableError  # re-exported: tl_sinks.loading.ModelNotAvailableError
+from tl_sinks.errors import (  # re-exported: tl_sinks.loading.ModelNotAvailableError
+    ModelLoadError,
+    ModelNotAvailableError,
+)
 
 Processing = Literal["none", "tl"]
 

@@ -37,8 +37,7 @@ ROOT = HERE.parent
 # Saved HTML outputs larger than this are circuitsvis views (the bundle is 1.3 MB).
 MAX_SAVED_HTML = 100_000
 
-QUIET = '''import os
-import warnings
+QUIET_NO_OS = '''import warnings
 
 # tqdm.auto, used by tl_sinks and transformers, warns on import in a Jupyter kernel without
 # ipywidgets; the cells below pass progress=False, so no bar is drawn at all.
@@ -54,6 +53,7 @@ import tl_sinks  # noqa: E402
 pd.set_option("display.float_format", "{:.4g}".format)
 pd.set_option("display.max_columns", 12)
 pd.set_option("display.width", 120)'''
+QUIET = "import os\n" + QUIET_NO_OS  # setup() reads the tutorial model from the environment
 
 
 def setup(extra: str = "") -> str:
@@ -176,8 +176,9 @@ NOTEBOOKS = {
         "tokens = model.to_tokens(prompts[0])\n"
         "_, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(\"hook_pattern\"))\n"
         "top = scores.top(6)\n"
-        "pattern = torch.stack([cache[f\"blocks.{l}.attn.hook_pattern\"][0, h] for l, h in zip(top.layer, top.head_index)])\n"
-        "show_attention(pattern, model.to_str_tokens(tokens[0]), head_names=[f\"L{l}H{h}\" for l, h in zip(top.layer, top.head_index)],\n"
+        "heads = list(zip(top.layer, top.head_index))\n"
+        "pattern = torch.stack([cache[f\"blocks.{layer}.attn.hook_pattern\"][0, h] for layer, h in heads])\n"
+        "show_attention(pattern, model.to_str_tokens(tokens[0]), head_names=[f\"L{layer}H{h}\" for layer, h in heads],\n"
         "               causal=info.causal)",
     ],
     "02_value_aggregation.ipynb": [
@@ -399,7 +400,7 @@ NOTEBOOKS = {
         "offline corpus (Python docstrings), with attention variants: head-wise RMSNorm, gated attention, a sink logit, "
         "softmax-off-by-one. Here: 20 steps of two tiny models, to show the workflow; "
         "`benchmarks/convergence.py` runs the real comparison (its numbers are at the end).",
-        QUIET + "\n\nimport tempfile\n\nfrom tl_sinks.train import TrainConfig, train\n\n"
+        QUIET_NO_OS + "\n\nimport tempfile  # noqa: E402\n\nfrom tl_sinks.train import TrainConfig, train  # noqa: E402\n\n"
         "tiny = dict(d_model=32, n_layers=2, n_heads=2, d_mlp=64, vocab_size=320, seq_len=32, steps=20, batch_size=8,\n"
         "            warmup=5, packages=(), max_documents=300, eval_every=10, eval_batches=2, checkpoint_every=20)\n"
         "runs = {}\nfor variant in (\"softmax\", \"headnorm\"):\n"
