@@ -24,12 +24,12 @@ from typing import Any
 import torch
 
 from tl_sinks._compat import ModelInfo, inspect_model, model_device
-from tl_sinks._inputs import prepare_prompts
+from tl_sinks._inputs import PreparedPrompts
 from tl_sinks._io import atomic_write_text
 from tl_sinks._progress import tqdm
 from tl_sinks._types import ModelLike
 from tl_sinks.results import fmt_number, fmt_ratio
-from tl_sinks.scan import ScanResult, builtin_prompts, scan
+from tl_sinks.scan import ScanResult, builtin_prompts, prepare_corpus, scan
 from tl_sinks.sinks import uniform_received
 
 _CSS = """
@@ -355,10 +355,10 @@ def _table(df: Any, n: int = 20) -> str:
     return df.head(n).to_html(index=False, float_format=fmt_number, border=0)
 
 
-def _uniform_at(model: ModelLike, info: ModelInfo, prompts: Any, pos: int) -> float | None:
+def _uniform_at(info: ModelInfo, corpus: PreparedPrompts, pos: int) -> float | None:
     """Mean attention ``pos`` would receive from the queries after it under uniform attention,
     over the prompts that have such a query (as the trace's sweep averages)."""
-    seqs = prepare_prompts(model, info, prompts).sequences
+    seqs = corpus.sequences
     lengths = torch.tensor([len(s) for s in seqs])
     if int(lengths.max()) <= pos + 1:
         return None
@@ -528,6 +528,7 @@ def build_report(
 
     prompts = builtin_prompts() if prompts is None else prompts
     info = inspect_model(model)
+    corpus = prepare_corpus(model, prompts, info=info)  # once: the scan, the trace and the baseline read it
     run_trace = trace and info.causal
     names = [s for i, s in enumerate(_REPORT_STEPS) if i != 1 or run_trace]
     # The report's own bar names the step; the bars of the stages it runs appear below it.
@@ -540,12 +541,12 @@ def build_report(
 
     try:
         step(_REPORT_STEPS[0])
-        result = scan(model, prompts, batch_size=batch_size, progress=progress)
+        result = scan(model, corpus, batch_size=batch_size, progress=progress)
         t, trace_note, uniform = None, None, None
         if run_trace:
             step(_REPORT_STEPS[1])
-            t = trace_chain(model, prompts, batch_size=batch_size, progress=progress, base=result)
-            uniform = _uniform_at(model, info, prompts, t.pos)
+            t = trace_chain(model, corpus, batch_size=batch_size, progress=progress, base=result)
+            uniform = _uniform_at(info, corpus, t.pos)
         elif trace:
             trace_note = ("not traced: the position interventions and the loss link are defined for causal "
                           "decoders; this model's attention is bidirectional")
