@@ -45,8 +45,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tl_sinks._io import atomic_write_text
 
 EXIT_OK, EXIT_USAGE, EXIT_MODEL, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
@@ -77,7 +75,7 @@ def _jsonable(x: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
+    if hasattr(x, "tolist") and hasattr(x, "dtype"):  # a tensor or an array (torch is not imported for --help)
         return x.tolist()
     if isinstance(x, (str, int, float, bool)) or x is None:
         return x
@@ -118,6 +116,8 @@ def _check_device(device: str | None) -> None:
     """Refuse a ``--device`` torch does not know or this machine does not have."""
     if device is None:
         return
+    import torch  # here, not at the top: `tl-sinks --help` needs no torch
+
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
