@@ -14,7 +14,8 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def scan_rows() -> list[str]:
-    rows = ["| model, tokens | forward | scan | `run_with_cache` | scan time / forward | scan peak RSS / forward | command |",
+    rows = ["| model, tokens (threads, dtype, allocator) | forward | scan | `run_with_cache` | scan time / forward "
+            "(median of per-round ratios; CPU time) | scan peak tensor memory / forward | command |",
             "|---|---|---|---|---|---|---|"]
     for f in sorted(RESULTS.glob("scan_overhead_*.json")):
         d = json.loads(f.read_text())
@@ -24,10 +25,41 @@ def scan_rows() -> list[str]:
         if not (fw and sc):
             continue
         cache = f"{rc['median_s']:.2f} s, {rc['peak_mem_mib']:.0f} MiB" if rc else "-"
+        ratio = sc.get("time_ratio_to_forward", sc["median_s"] / fw["median_s"])
+        cpu = f" (CPU {sc['cpu_ratio_to_forward']:.2f}x)" if "cpu_ratio_to_forward" in sc else ""
+        alloc = d.get("allocator", {}).get("kind", "default")
         rows.append(
-            f"| {d['model']}, {s['n_batches']} x {s['batch_size']} x {s['seq_len']} ({d['machine'].get('threads')} threads, {s['dtype']}) "
-            f"| {fw['median_s']:.2f} s, {fw['peak_mem_mib']:.0f} MiB | {sc['median_s']:.2f} s, {sc['peak_mem_mib']:.0f} MiB | {cache} "
-            f"| **{sc['median_s'] / fw['median_s']:.2f}x** | **{sc['peak_mem_mib'] / max(fw['peak_mem_mib'], 1e-9):.2f}x** | `{d.get('command', '')}` |")
+            f"| {d['model']}, {s['n_batches']} x {s['batch_size']} x {s['seq_len']} ({d['machine'].get('threads')} threads, "
+            f"{s['dtype']}, {alloc}) | {fw['median_s']:.2f} s, {fw['peak_mem_mib']:.0f} MiB "
+            f"| {sc['median_s']:.2f} s, {sc['peak_mem_mib']:.0f} MiB | {cache} | **{ratio:.2f}x**{cpu} "
+            f"| **{sc['peak_mem_mib'] / max(fw['peak_mem_mib'], 1e-9):.2f}x** | `{d.get('command', '')}` |")
+    return rows
+
+
+def report_pass_rows() -> list[str]:
+    f = RESULTS / "report_passes.json"
+    if not f.is_file():
+        return []
+    d = json.loads(f.read_text())
+    rows = ["| tree | forward passes | prompt rows | passes over the corpus | prompt preparations | command |",
+            "|---|---|---|---|---|---|"]
+    for r in d["results"]:
+        rows.append(f"| {r['revision']} | {r['forward_passes']} | {r['rows']} | {r['passes_over_corpus']:.1f} "
+                    f"| {r['prepare_prompts_calls']} | `{d['command']}` |")
+    return rows
+
+
+def startup_rows() -> list[str]:
+    f = RESULTS / "startup.json"
+    if not f.is_file():
+        return []
+    d = json.loads(f.read_text())
+    names = list(d["results"][0]["seconds"])
+    rows = ["| tree | " + " | ".join(f"`{n}`" for n in names) + " | heavy modules `import tl_sinks` loads | command |",
+            "|---" * (len(names) + 3) + "|"]
+    for r in d["results"]:
+        rows.append(f"| {r['revision']} | " + " | ".join(f"{r['seconds'][n]['median']:.2f} s" for n in names)
+                    + f" | {', '.join(r['heavy']) or 'none'} | `{d['command']}` |")
     return rows
 
 
@@ -74,7 +106,8 @@ def convergence_rows() -> list[str]:
 
 
 if __name__ == "__main__":
-    for title, rows in (("scan", scan_rows()), ("patching", patching_rows()), ("head-wise RMSNorm step time", headnorm_rows()),
+    for title, rows in (("scan", scan_rows()), ("report passes", report_pass_rows()), ("start-up", startup_rows()),
+                        ("patching", patching_rows()), ("head-wise RMSNorm step time", headnorm_rows()),
                         ("convergence", convergence_rows())):
         print(f"### {title}\n")
         print("\n".join(rows) + "\n")
