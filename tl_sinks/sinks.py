@@ -153,9 +153,8 @@ def uniform_received(
     # harmonic[m] = sum_{j=1..m} 1/j, so sum_{q=a..n-1} 1/(q+1) = harmonic[n] - harmonic[a].
     top = int(lengths.max()) if lengths.numel() else 0
     harmonic = torch.cat([torch.zeros(1, device=device), torch.cumsum(1.0 / torch.arange(1, top + 1, device=device).float(), 0)])
-    start = pos + 1 if exclude_self else pos
-    start = start.clamp_max(top)
-    counts = (lengths[:, None] - start[None, :]).clamp_min(0)
+    start = (pos + 1 if exclude_self else pos).clamp_max(top)
+    counts = query_counts(lengths, n_key, causal=True, exclude_self=exclude_self)  # lengths - start, or 0
     total = harmonic[lengths][:, None] - harmonic[start][None, :]
     u = total / counts.clamp_min(1).float()
     return torch.where((counts > 0) & valid, u, torch.zeros_like(u))
